@@ -1,0 +1,68 @@
+"""Batched inference: texts → L2-normalised float32 embeddings, in input order.
+
+Texts are sorted by token count so each batch pads little, and every batch is padded to a
+(batch_size, bucket length) shape from a short list, so a whole corpus compiles a handful of programs.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+import time
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from me5_jax import encoder as enc
+from me5_jax import hf_io
+from me5_jax.tokenize import PAD_MULTIPLE, Tokenizer, round_up, with_prefix
+from me5_jax.variants import EncoderConfig
+
+_BUCKETS = (16, 32, 64, 128, 192, 256, 384, 512)
+
+
+def bucket_length(n: int, max_length: int) -> int:
+  """Smallest bucket ≥ n, capped at max_length rounded up to 8."""
+  cap = round_up(max_length, PAD_MULTIPLE)
+  return min([b for b in _BUCKETS if b >= n] + [cap])
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def _embed_jit(params, ids_BxL, mask_BxL, cfg):
+  return enc.embed(params, ids_BxL, mask_BxL, cfg)
+
+
+class Embedder:
+  """An encoder, its params and its tokenizer: what `embed`, `evaluate` and the trainer's evals use."""
+
+  def __init__(self, cfg: EncoderConfig, params: Any, tokenizer: Tokenizer):
+    self.cfg, self.params, self.tokenizer = cfg, params, tokenizer
+
+  @classmethod
+  def from_pretrained(cls, path: str, dtype: str = "float32", max_length: int | None = None) -> "Embedder":
+    tokenizer = Tokenizer.from_dir(path, max_length)
+    cfg, params = hf_io.load_pretrained(path, dtype=dtype)
+    tokenizer.max_length = min(tokenizer.max_length, cfg.max_tokens)
+    return cls(cfg, params, tokenizer)
+
+  def encode(self, texts: Sequence[str], prefix: str | None = None, batch_size: int = 64,
+             max_length: int | None = None, progress: bool = False) -> np.ndarray:
+    """Returns float32 [N, D] rows in the order of `texts` (empty strings included)."""
+    max_length = min(max_length or self.tokenizer.max_length, self.cfg.max_tokens)
+    rows = self.tokenizer.token_ids(with_prefix(texts, prefix), max_length)
+    out_NxD = np.zeros((len(rows), self.cfg.hidden_size), np.float32)
+    order = np.argsort([-len(r) for r in rows], kind="stable")
+    start, last_report = time.time(), 0.0
+    for b in range(0, len(order), batch_size):
+      idx = order[b:b + batch_size]
+      batch_rows = [rows[i] for i in idx]
+      batch_rows += [[self.tokenizer.pad_id]] * (batch_size - len(idx))  # fixed batch shape
+      length = bucket_length(max(len(r) for r in batch_rows), max_length)
+      ids_BxL, mask_BxL = self.tokenizer.pad(batch_rows, length)
+      out_NxD[idx] = np.asarray(_embed_jit(self.params, ids_BxL, mask_BxL, self.cfg))[:len(idx)]
+      if progress and time.time() - last_report > 5:
+        last_report = time.time()
+        done = min(b + batch_size, len(order))
+        print(f"embedded {done}/{len(order)} texts ({done / (last_report - start):.0f}/s)",
+              file=sys.stderr, flush=True)
+    return out_NxD

@@ -1,0 +1,116 @@
+"""Tokenization from a Hugging Face model folder, the E5 prefixes and the instruct template.
+
+The Rust `tokenizers` library does the work (it is what transformers' fast tokenizers run, so ids are
+identical to HF). Padding and truncation settings stored inside a `tokenizer.json` are ignored: some
+snapshots (all-MiniLM-L6-v2) pad every input to 128, which would silently change results. We truncate
+to the max length asked for and pad to a multiple of 8 so the encoder compiles few shapes.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Sequence
+
+import numpy as np
+
+QUERY_PREFIX = "query: "
+PASSAGE_PREFIX = "passage: "
+INSTRUCT_TEMPLATE = "Instruct: {task}\nQuery: {query}"
+PAD_MULTIPLE = 8
+
+
+def with_prefix(texts: Sequence[str], prefix: str | None) -> list[str]:
+  return [prefix + t for t in texts] if prefix else list(texts)
+
+
+def instruct_query(task: str, query: str) -> str:
+  """mE5-large-instruct / E5-mistral query format; documents get no prefix at all."""
+  return INSTRUCT_TEMPLATE.format(task=task, query=query)
+
+
+def round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+class Tokenizer:
+  """Truncating, padding tokenizer over a `tokenizers.Tokenizer`.
+
+  `max_length` counts special tokens, as in transformers.
+  """
+
+  def __init__(self, backend, pad_id: int, max_length: int = 512):
+    self.backend = backend
+    self.backend.no_padding()
+    self.backend.no_truncation()
+    self.pad_id = pad_id
+    self.max_length = max_length
+    self.num_special = backend.num_special_tokens_to_add(is_pair=False)
+
+  @classmethod
+  def from_dir(cls, path: str, max_length: int | None = None) -> "Tokenizer":
+    """Loads `tokenizer.json`, or builds one from `vocab.txt` / `sentencepiece.bpe.model` via transformers."""
+    import tokenizers
+    tok_json = os.path.join(path, "tokenizer.json")
+    if os.path.exists(tok_json):
+      backend = tokenizers.Tokenizer.from_file(tok_json)
+    elif any(os.path.exists(os.path.join(path, f)) for f in ("vocab.txt", "sentencepiece.bpe.model")):
+      from transformers import AutoTokenizer  # only for folders without tokenizer.json
+      backend = AutoTokenizer.from_pretrained(path).backend_tokenizer
+    else:
+      raise FileNotFoundError(f"{path}: no tokenizer.json, vocab.txt or sentencepiece.bpe.model")
+    pad_id = _pad_id(path, backend)
+    return cls(backend, pad_id, max_length or _model_max_length(path))
+
+  def token_ids(self, texts: Sequence[str], max_length: int | None = None) -> list[list[int]]:
+    """Ids with special tokens, truncated to max_length (the trailing special token is kept)."""
+    limit = max_length or self.max_length
+    self.backend.enable_truncation(limit)
+    try:
+      return [e.ids for e in self.backend.encode_batch(list(texts))]
+    finally:
+      self.backend.no_truncation()
+
+  def __call__(self, texts: Sequence[str], max_length: int | None = None, pad_to: int | None = None):
+    """Returns (ids_BxL int32, mask_BxL int32), L = pad_to or the longest row rounded up to 8."""
+    rows = self.token_ids(texts, max_length)
+    return self.pad(rows, pad_to)
+
+  def pad(self, rows: Sequence[Sequence[int]], pad_to: int | None = None):
+    longest = max((len(r) for r in rows), default=1)
+    length = pad_to or round_up(max(longest, 1), PAD_MULTIPLE)
+    if longest > length:
+      raise ValueError(f"a row of {longest} tokens does not fit pad_to={length}")
+    ids_BxL = np.full((len(rows), length), self.pad_id, np.int32)
+    mask_BxL = np.zeros((len(rows), length), np.int32)
+    for i, r in enumerate(rows):
+      ids_BxL[i, :len(r)] = r
+      mask_BxL[i, :len(r)] = 1
+    return ids_BxL, mask_BxL
+
+
+def _read_json(path: str) -> dict:
+  if not os.path.exists(path):
+    return {}
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def _pad_id(path: str, backend) -> int:
+  cfg = _read_json(os.path.join(path, "config.json"))
+  if "pad_token_id" in cfg and cfg["pad_token_id"] is not None:
+    return int(cfg["pad_token_id"])
+  for token in ("<pad>", "[PAD]"):
+    tid = backend.token_to_id(token)
+    if tid is not None:
+      return tid
+  raise ValueError(f"{path}: cannot tell the padding id (no pad_token_id in config.json, no <pad>/[PAD] token)")
+
+
+def _model_max_length(path: str) -> int:
+  """sentence-transformers' max_seq_length when the folder has one, else the position table's size."""
+  st = _read_json(os.path.join(path, "sentence_bert_config.json"))
+  if "max_seq_length" in st:
+    return int(st["max_seq_length"])
+  cfg = _read_json(os.path.join(path, "config.json"))
+  offset = 2 if cfg.get("model_type") in ("xlm-roberta", "roberta") else 0
+  return int(cfg.get("max_position_embeddings", 512 + offset)) - offset
