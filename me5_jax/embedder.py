@@ -36,10 +36,12 @@ class Embedder:
   """An encoder, its params and its tokenizer: what `embed`, `evaluate` and the trainer's evals use."""
 
   def __init__(self, cfg: EncoderConfig, params: Any, tokenizer: Tokenizer):
-    self.cfg, self.params, self.tokenizer = cfg, params, tokenizer
+    # Moved to the device once: numpy params would be copied in again on every batch.
+    self.cfg, self.params, self.tokenizer = cfg, jax.device_put(params), tokenizer
 
   @classmethod
   def from_pretrained(cls, path: str, dtype: str = "float32", max_length: int | None = None) -> "Embedder":
+    hf_io.check_model_dir(path)
     tokenizer = Tokenizer.from_dir(path, max_length)
     cfg, params = hf_io.load_pretrained(path, dtype=dtype)
     tokenizer.max_length = min(tokenizer.max_length, cfg.max_tokens)

@@ -19,25 +19,40 @@ import numpy as np
 from flax import traverse_util
 
 from me5_jax import encoder as enc
+from me5_jax.tokenize import TOKENIZER_SOURCES
 from me5_jax.variants import EncoderConfig, from_hf_config, to_hf_config
 
 _HF_PREFIXES = ("bert.", "roberta.", "xlm_roberta.", "model.")
 _IGNORED = re.compile(r"(^|\.)position_ids$|^cls\.|^lm_head\.")
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
                    "sentencepiece.bpe.model")
 E5_PROMPTS = {"query": "query: ", "passage": "passage: "}
 
 
+def check_model_dir(path: str, need_tokenizer: bool = True) -> None:
+  """Fails fast, naming the first missing piece (folder, config.json, weights, tokenizer), before any
+  expensive loading; `FileNotFoundError` so CLIs can print it as a one-line error."""
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"model folder {path} does not exist")
+  if not os.path.exists(os.path.join(path, "config.json")):
+    raise FileNotFoundError(f"{path}: config.json is missing (not a Hugging Face model folder)")
+  if not any(os.path.exists(os.path.join(path, f)) for f in WEIGHT_FILES):
+    raise FileNotFoundError(f"{path}: the weights are missing (no {' or '.join(WEIGHT_FILES)})")
+  if need_tokenizer and not any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_SOURCES):
+    raise FileNotFoundError(f"{path}: the tokenizer is missing (no {', '.join(TOKENIZER_SOURCES)})")
+
+
 def _read_state_dict(path: str) -> dict[str, np.ndarray]:
-  st = os.path.join(path, "model.safetensors")
+  st = os.path.join(path, WEIGHT_FILES[0])
   if os.path.exists(st):
     from safetensors.numpy import load_file
     return load_file(st)
-  pt = os.path.join(path, "pytorch_model.bin")
+  pt = os.path.join(path, WEIGHT_FILES[1])
   if os.path.exists(pt):
     import torch  # only the legacy pickle format needs torch
     return {k: v.float().numpy() for k, v in torch.load(pt, map_location="cpu", weights_only=True).items()}
-  raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin")
+  raise FileNotFoundError(f"{path}: the weights are missing (no {' or '.join(WEIGHT_FILES)})")
 
 
 def _flax_path(hf_key: str) -> tuple[str, ...]:
@@ -116,10 +131,14 @@ def to_state_dict(params: Any, cfg: EncoderConfig) -> dict[str, np.ndarray]:
 
 
 def save_pretrained(params: Any, cfg: EncoderConfig, out_dir: str, tokenizer_dir: str | None = None,
-                    max_seq_length: int = 512, prompts: dict[str, str] | None = None) -> str:
+                    max_seq_length: int | None = None, prompts: dict[str, str] | None = None) -> str:
   """Writes an HF folder (config.json + model.safetensors + tokenizer files) that is also a
-  sentence-transformers model: Transformer → mean Pooling → Normalize, with the E5 prompts by name."""
+  sentence-transformers model: Transformer → mean Pooling → Normalize, with the E5 prompts by name.
+  `max_seq_length` defaults to what the position table allows, at most 512 (the mE5 training length)."""
   from safetensors.numpy import save_file
+  max_seq_length = max_seq_length or min(512, cfg.max_tokens)
+  if max_seq_length > cfg.max_tokens:
+    raise ValueError(f"max_seq_length {max_seq_length} exceeds the {cfg.max_tokens} positions of the encoder")
   os.makedirs(out_dir, exist_ok=True)
   save_file(to_state_dict(params, cfg), os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
   _write_json(os.path.join(out_dir, "config.json"), to_hf_config(cfg))

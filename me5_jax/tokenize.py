@@ -1,9 +1,13 @@
 """Tokenization from a Hugging Face model folder, the E5 prefixes and the instruct template.
 
-The Rust `tokenizers` library does the work (it is what transformers' fast tokenizers run, so ids are
+The Rust `tokenizers` library does the work (it is what transformers' tokenizers run, so ids are
 identical to HF). Padding and truncation settings stored inside a `tokenizer.json` are ignored: some
 snapshots (all-MiniLM-L6-v2) pad every input to 128, which would silently change results. We truncate
 to the max length asked for and pad to a multiple of 8 so the encoder compiles few shapes.
+
+Sentencepiece (XLM-R) `tokenizer.json` files written by older converters keep a trailing space or newline
+as a lone "▁" token; sentencepiece itself, and transformers 5 (hence sentence-transformers), split on
+whitespace first and drop it. We do the same, so ids match transformers.AutoTokenizer.
 """
 from __future__ import annotations
 
@@ -12,11 +16,14 @@ import os
 from typing import Sequence
 
 import numpy as np
+from tokenizers import pre_tokenizers as pre
 
 QUERY_PREFIX = "query: "
 PASSAGE_PREFIX = "passage: "
 INSTRUCT_TEMPLATE = "Instruct: {task}\nQuery: {query}"
 PAD_MULTIPLE = 8
+# Any one of these makes a folder's tokenizer; tokenizer.json is preferred.
+TOKENIZER_SOURCES = ("tokenizer.json", "vocab.txt", "sentencepiece.bpe.model")
 
 
 def with_prefix(texts: Sequence[str], prefix: str | None) -> list[str]:
@@ -42,6 +49,8 @@ class Tokenizer:
     self.backend = backend
     self.backend.no_padding()
     self.backend.no_truncation()
+    if isinstance(backend.pre_tokenizer, pre.Metaspace):
+      backend.pre_tokenizer = pre.Sequence([pre.WhitespaceSplit(), backend.pre_tokenizer])
     self.pad_id = pad_id
     self.max_length = max_length
     self.num_special = backend.num_special_tokens_to_add(is_pair=False)
@@ -53,11 +62,11 @@ class Tokenizer:
     tok_json = os.path.join(path, "tokenizer.json")
     if os.path.exists(tok_json):
       backend = tokenizers.Tokenizer.from_file(tok_json)
-    elif any(os.path.exists(os.path.join(path, f)) for f in ("vocab.txt", "sentencepiece.bpe.model")):
+    elif any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_SOURCES[1:]):
       from transformers import AutoTokenizer  # only for folders without tokenizer.json
       backend = AutoTokenizer.from_pretrained(path).backend_tokenizer
     else:
-      raise FileNotFoundError(f"{path}: no tokenizer.json, vocab.txt or sentencepiece.bpe.model")
+      raise FileNotFoundError(f"{path}: the tokenizer is missing (no {', '.join(TOKENIZER_SOURCES)})")
     pad_id = _pad_id(path, backend)
     return cls(backend, pad_id, max_length or _model_max_length(path))
 
@@ -96,14 +105,16 @@ def _read_json(path: str) -> dict:
 
 
 def _pad_id(path: str, backend) -> int:
-  cfg = _read_json(os.path.join(path, "config.json"))
-  if "pad_token_id" in cfg and cfg["pad_token_id"] is not None:
-    return int(cfg["pad_token_id"])
+  """The tokenizer's own pad token, as HF tokenizers pad with it. config.json can disagree: mE5-small is
+  a BERT body (config pad_token_id 0) over the XLM-R vocabulary (<pad> = 1); the mask hides pads either way."""
   for token in ("<pad>", "[PAD]"):
     tid = backend.token_to_id(token)
     if tid is not None:
       return tid
-  raise ValueError(f"{path}: cannot tell the padding id (no pad_token_id in config.json, no <pad>/[PAD] token)")
+  cfg = _read_json(os.path.join(path, "config.json"))
+  if cfg.get("pad_token_id") is not None:
+    return int(cfg["pad_token_id"])
+  raise ValueError(f"{path}: cannot tell the padding id (no <pad>/[PAD] token, no pad_token_id in config.json)")
 
 
 def _model_max_length(path: str) -> int:

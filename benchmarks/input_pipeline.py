@@ -1,0 +1,148 @@
+"""Input-pipeline throughput: tokenized pairs/s per core for read → mix → tokenize → batch.
+
+Sources are Bible translation pairs from bible_pd.tsv under four stage-1 source names (mixed with the
+report's weights), held in memory or, with --tfds, written as JSONL, built into TFDS array_record datasets
+by data_pipelines.builders and read back through open_source. The peer is a plain loop over HF
+`tokenizers` batch encoding (truncate to 128, pad to the longest) of exactly the same prefixed texts.
+Tokenization runs on one core (TOKENIZERS_PARALLELISM=false), so pairs per CPU-second is pairs/s per core;
+wall-clock numbers are shown too (they suffer on a shared machine).
+
+  python benchmarks/input_pipeline.py [--tokenizer DIR] [--tsv bible_pd.tsv] [--tfds] [--batch 512]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import tempfile
+import time
+
+os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core; must precede importing tokenizers
+
+import numpy as np  # noqa: E402
+import tokenizers  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from data_pipelines.input_pipeline import InputPipeline  # noqa: E402
+from data_pipelines.mixture import MixtureConfig, MixtureSampler  # noqa: E402
+from data_pipelines.preprocess import PreprocessConfig  # noqa: E402
+from me5_jax.tokenize import Tokenizer  # noqa: E402
+
+REALDATA = os.environ.get("ME5_REALDATA", os.path.join(REPO, ".cache", "realdata"))
+# stage-1 source name → (query column, passage column) of bible_pd.tsv
+SOURCES = {"nllb": ("de:e", "en:4"), "wikipedia": ("fr:l", "en:4"), "reddit": ("es:v", "en:k"),
+           "xp3": ("ru:r", "en:4")}
+
+
+def memory_sources(tsv: str, passage_verses: int) -> dict[str, list[dict]]:
+  """Verse i in the query language → verses i..i+passage_verses-1 in English (>1: page-like passages
+  longer than the max length, as mC4 / CC News bodies are)."""
+  with open(tsv, encoding="utf-8", newline="") as f:
+    reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+    header = next(reader)
+    rows = list(reader)
+  return {name: [{"query": r[header.index(q)],
+                  "passage": " ".join(x[header.index(p)] for x in rows[i:i + passage_verses]),
+                  "lang": q.split(":")[0], "source": name} for i, r in enumerate(rows)]
+          for name, (q, p) in SOURCES.items()}
+
+
+def tfds_sources(records: dict[str, list[dict]], data_dir: str) -> dict:
+  """Writes each source as JSONL in its raw field names, builds it, opens it (TF only for building)."""
+  import tensorflow_datasets as tfds
+  from data_pipelines import builders, open_source
+  from data_pipelines.records import PAIR_FIELDS
+  tfds.disable_progress_bar()
+  os.makedirs(data_dir)
+  for name, recs in records.items():
+    path = os.path.join(data_dir, f"{name}.jsonl")
+    fields = PAIR_FIELDS[name]
+    with open(path, "w", encoding="utf-8") as f:
+      for r in recs:
+        f.write(json.dumps({fields.query[0]: r["query"], fields.passage[0]: r["passage"]}) + "\n")
+    builders.build(name, data_dir, [path])
+  return {name: open_source(data_dir, name) for name in records}
+
+
+def timed(fn, batches: int) -> tuple[float, float]:
+  """(wall seconds, CPU seconds of this process) for `batches` calls of fn."""
+  wall, cpu = time.perf_counter(), time.process_time()
+  for _ in range(batches):
+    fn()
+  return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def peer_texts(sources, mixture: MixtureConfig, prep: PreprocessConfig, batches: int):
+  """The prefixed texts the pipeline will tokenize, batch by batch, from the same mixture plan."""
+  sampler = MixtureSampler({n: len(r) for n, r in sources.items()}, mixture)
+  out = []
+  for _ in range(batches):
+    plan = sampler.next_plan()
+    recs = [(sampler.names[s], sources[sampler.names[s]][i]) for s, i in zip(plan.sources, plan.indices)]
+    out.append(([prep.query_text(r, n) for n, r in recs],
+                [prep.passage_text(r["passage"], n) for n, r in recs]))
+  return out
+
+
+def run(args, passage_verses: int, tmp: str) -> tuple[tuple[float, float], tuple[float, float]]:
+  """(wall, CPU) seconds of our pipeline and of the peer over the same batches."""
+  records = memory_sources(args.tsv, passage_verses)
+  mixture = MixtureConfig(global_batch_size=args.batch, seed=0)
+  prep = PreprocessConfig(max_query_length=args.max_length, max_passage_length=args.max_length)
+  sources = tfds_sources(records, os.path.join(tmp, str(passage_verses))) if args.tfds else records
+  pipe = InputPipeline(sources, Tokenizer.from_dir(args.tokenizer), mixture, prep)
+  start = pipe.get_state()
+  next(pipe)  # warm-up: first reads, allocations; then back to the start
+  pipe.set_state(start)
+  ours = timed(lambda: next(pipe), args.batches)
+
+  texts = iter(peer_texts(sources, mixture, prep, args.batches))  # TFDS order differs from the lists
+  hf = tokenizers.Tokenizer.from_file(os.path.join(args.tokenizer, "tokenizer.json"))
+  hf.enable_truncation(args.max_length)
+  hf.enable_padding(pad_id=hf.token_to_id("<pad>"))
+  hf.encode_batch(["warm up"] * 8)
+
+  def peer_batch():
+    queries, passages = next(texts)
+    for enc in (hf.encode_batch(queries), hf.encode_batch(passages)):
+      np.array([e.ids for e in enc], np.int32), np.array([e.attention_mask for e in enc], np.int32)
+  return ours, timed(peer_batch, args.batches)
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--tokenizer", default=os.path.join(REALDATA, "me5-small-q4"),
+                  help="folder with the XLM-R tokenizer.json")
+  ap.add_argument("--tsv", default=os.path.join(REALDATA, "bible_pd.tsv"))
+  ap.add_argument("--tfds", action="store_true", help="read TFDS array_record datasets, not lists")
+  ap.add_argument("--batch", type=int, default=512, help="global batch (one host)")
+  ap.add_argument("--batches", type=int, default=30)
+  ap.add_argument("--max-length", type=int, default=128)
+  ap.add_argument("--passage-verses", type=int, nargs="+", default=[1, 10],
+                  help="verses per passage, one table row pair each")
+  args = ap.parse_args()
+  for path in (os.path.join(args.tokenizer, "tokenizer.json"), args.tsv):
+    if not os.path.exists(path):
+      sys.exit(f"{path} is missing: run `bash ../shared/realdata/fetch.sh {REALDATA}` "
+               "or pass --tokenizer / --tsv")
+
+  pairs = args.batch * args.batches
+  print(f"read → mix → tokenize → batch: {pairs} Bible pairs per row ({', '.join(SOURCES)} → en), "
+        f"max length {args.max_length}, batch {args.batch}, "
+        f"sources {'TFDS array_record' if args.tfds else 'in memory'}, 1 tokenizer thread")
+  print("| passages | path | pairs/s per core (CPU time) | pairs/s (wall) | ratio to peer (per core) |")
+  print("|---|---|---|---|---|")
+  with tempfile.TemporaryDirectory() as tmp:
+    for verses in args.passage_verses:
+      ours, peer = run(args, verses, tmp)
+      for name, (wall, cpu) in (("me5_jax InputPipeline", ours), ("HF tokenizers encode_batch loop", peer)):
+        print(f"| {verses} verse{'s' * (verses > 1)} | {name} | {pairs / cpu:,.0f} | {pairs / wall:,.0f} | "
+              f"{peer[1] / cpu:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+  main()

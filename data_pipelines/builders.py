@@ -1,0 +1,178 @@
+"""TFDS builders that turn users' files (and the Bible database) into array_record datasets.
+
+array_record gives random access (`tfds.data_source`), which the mixture needs for deterministic,
+resumable sampling without TensorFlow. Builders take their inputs as constructor arguments (no download
+manager: files are the user's), validate every record (records.py) and store the build report, with
+the skipped-record counts, in the dataset's metadata.json so that the training log can repeat it.
+TFDS shuffles examples when writing, so index order is not file order.
+
+Use `build(...)` (or the CLI, `python -m data_pipelines.build`) rather than the classes directly: it
+checks the inputs and the destination before any work starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from typing import Any, Sequence
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from data_pipelines import bible, readers, records
+from data_pipelines.source import DATASETS, VERSION, dataset_path
+
+FILE_FORMAT = "array_record"
+TEXT = tfds.features.Text()
+PAIR_FEATURES = {"query": TEXT, "passage": TEXT, "lang": TEXT, "source": TEXT}
+STAGE2_FEATURES = {"query": TEXT, "positive": TEXT, "negatives": tfds.features.Sequence(TEXT),
+                   "positive_score": np.float32, "negative_scores": tfds.features.Sequence(np.float32),
+                   "task": TEXT}
+
+
+class _ReportingBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Shared plumbing: the features, array_record output and the build report saved as metadata."""
+  VERSION = tfds.core.Version(VERSION)
+  FEATURES: dict[str, Any] = {}
+  # TFDS looks for a checksums file next to a packaged builder's code, and doing so imports the
+  # `importlib_resources` backport (absent on Python >= 3.9): we download nothing, so there is no code path.
+  code_path = None
+
+  def __init__(self, *, strict: bool = False, **kwargs):
+    self.report = records.BuildReport(strict)
+    super().__init__(file_format=FILE_FORMAT, **kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    # Built inline (not from a package folder with README/CITATIONS), so the DatasetInfo is explicit.
+    return tfds.core.DatasetInfo(builder=self, description=self.__doc__,
+                                 features=tfds.features.FeaturesDict(self.FEATURES),
+                                 metadata=tfds.core.MetadataDict())
+
+  def _log_download_bytes(self) -> None:
+    """Silenced: TFDS would announce a download of "Unknown size"; nothing is downloaded here."""
+
+  def _log_download_done(self) -> None:
+    """Silenced: build() returns, and the CLI prints, a summary with the counts instead."""
+
+  def _finish(self, **extra: Any) -> None:
+    """Called once all splits are written, before TFDS saves the info (and so metadata.json)."""
+    self.info.metadata["build_report"] = {**self.report.to_json(), **extra}
+
+
+class _FilesBuilder(_ReportingBuilder, skip_registration=True):
+  """A builder over user files (JSONL / TSV / Parquet), one "train" split."""
+
+  def __init__(self, *, files: Sequence[str] = (), **kwargs):
+    self.files = [os.fspath(f) for f in files]
+    super().__init__(**kwargs)
+
+  def _parser(self):
+    raise NotImplementedError
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # nothing to download: the files are the user's
+    return {"train": self._generate_examples()}
+
+  def _generate_examples(self):
+    yield from records.validated(self.files, self._parser(), self.report)
+    self._finish(files=self.files)
+
+
+@dataclasses.dataclass(eq=False)
+class PairsConfig(tfds.core.BuilderConfig):
+  default_lang: str = ""  # lang for records that carry none (e.g. a per-language Wikipedia dump)
+
+
+class Me5Pairs(_FilesBuilder):
+  """Stage-1 (query, passage) pairs of one mE5 source, with language and source name."""
+  FEATURES = PAIR_FEATURES
+  BUILDER_CONFIGS = [PairsConfig(name=name, description=f"query ← {'|'.join(f.query)}, "
+                                 f"passage ← {'|'.join(f.passage)}")
+                     for name, f in records.PAIR_FIELDS.items()]
+
+  def __init__(self, *, lang: str = "", **kwargs):
+    self.lang = lang
+    super().__init__(**kwargs)
+
+  def _parser(self):
+    return records.pair_parser(self.builder_config.name, self.lang)
+
+
+class Me5Stage2(_FilesBuilder):
+  """Stage-2 fine-tuning examples: query, positive, hard negatives, teacher scores (NaN = none), task."""
+  FEATURES = STAGE2_FEATURES
+
+  def _parser(self):
+    return records.parse_stage2
+
+
+@dataclasses.dataclass(eq=False)
+class BibleConfig(tfds.core.BuilderConfig):
+  pairs: tuple[tuple[str, str], ...] = ()
+
+
+class Me5Bible(_ReportingBuilder):
+  """Aligned Bible verses as translation pairs (query: a non-English verse, passage: the English one);
+  "train" excludes the held-out verses, "eval" holds exactly them (see bible.py)."""
+  FEATURES = PAIR_FEATURES
+  BUILDER_CONFIGS = [BibleConfig(name=name, pairs=pairs, description=f"{len(pairs)} version pairs")
+                     for name, pairs in bible.PAIR_SETS.items()]
+
+  def __init__(self, *, db_path: str, max_verses: int | None = None, **kwargs):
+    self.db_path, self.max_verses = db_path, max_verses
+    super().__init__(**kwargs)
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    verses = bible.aligned_verses(self.db_path)[:self.max_verses]
+    train, held_out = bible.split_eval(verses)
+    self._verses = {"train": len(train), "eval": len(held_out)}
+    return {"train": self._generate_examples(train, "train"),
+            "eval": self._generate_examples(held_out, "eval")}
+
+  def _generate_examples(self, verses, split):
+    for key, example in bible.translation_pairs(verses, self.builder_config.pairs):
+      self.report.ok(f"{self.db_path}[{split}]")
+      yield key, example
+    self._finish(db_path=self.db_path, verses=self._verses, pairs=[list(p) for p in self.builder_config.pairs])
+
+
+def build(name: str, data_dir: str, files: Sequence[str] = (), *, strict: bool = False,
+          overwrite: bool = False, lang: str = "", db_path: str | None = None,
+          max_verses: int | None = None) -> dict[str, Any]:
+  """Builds the dataset of source `name` (a key of source.DATASETS) into `data_dir`; returns the build
+  report (valid / skipped counts by reason and file, plus "path" and "splits").
+
+  Raises readers.InputError for unusable inputs or an existing dataset (unless overwrite), before any
+  work; records.BadRecordError in strict mode at the first bad record (nothing is left behind then).
+  """
+  if name not in DATASETS:
+    raise readers.InputError(f"unknown source {name!r}; known: {', '.join(DATASETS)}")
+  builder_name, config = DATASETS[name]
+  if builder_name == "me5_bible":
+    if files:
+      raise readers.InputError("the Bible source reads bible.db (db_path), not files")
+    db_path = db_path or bible.default_db()
+    if not os.path.isfile(db_path):
+      raise readers.InputError(f"{db_path}: no such Bible database")
+    kwargs = {"db_path": db_path, "max_verses": max_verses}
+  elif builder_name == "me5_stage2":
+    for path in files:
+      if readers.file_format(path) == "tsv":
+        raise readers.InputError(f"{path}: stage-2 records hold lists (negatives); use JSONL or Parquet")
+    readers.check_files(files, records.STAGE2_REQUIRED)
+    kwargs = {"files": files, "strict": strict}
+  else:
+    fields = records.PAIR_FIELDS[config]
+    readers.check_files(files, [("query", *fields.query), ("passage", *fields.passage)])
+    kwargs = {"files": files, "strict": strict, "lang": lang}
+  path = dataset_path(data_dir, name)
+  if os.path.exists(path):
+    if not overwrite:
+      raise readers.InputError(f"{path} exists; pass overwrite=True (--overwrite) to rebuild it")
+    shutil.rmtree(path)
+  builder_cls = {"me5_pairs": Me5Pairs, "me5_stage2": Me5Stage2, "me5_bible": Me5Bible}[builder_name]
+  builder = builder_cls(data_dir=data_dir, config=config, **kwargs)
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  return {**builder.info.metadata["build_report"], "path": os.fspath(builder.data_dir),
+          "splits": {s: info.num_examples for s, info in builder.info.splits.items()}}

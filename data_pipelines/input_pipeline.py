@@ -1,0 +1,217 @@
+"""The trainer's input: a weighted mixture of random-access sources → host-local token batches.
+
+    pipe = InputPipeline(sources, tokenizer, MixtureConfig(global_batch_size=...), PreprocessConfig(...),
+                         process_index=jax.process_index(), process_count=jax.process_count())
+    batch = next(pipe)          # dict of numpy arrays, DESIGN.md "Batch contract", B = global // hosts
+    state = pipe.get_state()    # small JSON dict, identical on every host: save it with the checkpoint
+    pipe.set_state(state)       # in a fresh pipeline: the following batches are the same, bit for bit
+    pipe.bad_records            # {source: {reason: count}} of records skipped at read time, for the log
+    with Prefetch(pipe) as it:  # optional: batches built in a thread while the step runs; same API
+      ...
+
+A source is anything with `__len__` and `__getitem__(i) -> dict` (grain's RandomAccessDataSource
+protocol): a list of dicts, or a TFDS array_record data source. No TensorFlow is imported here.
+"""
+from __future__ import annotations
+
+import collections
+import queue
+import threading
+from typing import Callable, Mapping, Protocol
+
+import numpy as np
+
+from data_pipelines.mixture import MixtureConfig, MixtureSampler, Plan, uniform
+from data_pipelines.preprocess import (Batcher, PreprocessConfig, check_record, choose_negatives,
+                                       pad_score)
+from me5_jax.tokenize import Tokenizer
+
+# A bad record is replaced by a random record of the same source; this many bad draws in a row for one
+# slot means the source itself is broken, which is an error rather than something to count.
+MAX_DRAWS = 64
+SALT_REPLACE, SALT_FILL = 21, 22
+
+
+class RandomAccessSource(Protocol):
+  def __len__(self) -> int: ...
+  def __getitem__(self, index: int) -> Mapping: ...
+
+
+class InputPipeline:
+  """Iterator of host-local batches; see the module docstring for the API."""
+
+  def __init__(self, sources: Mapping[str, RandomAccessSource], tokenizer: Tokenizer,
+               mixture: MixtureConfig, preprocess: PreprocessConfig, *, process_index: int = 0,
+               process_count: int = 1, strict: bool = False,
+               agree_length: Callable[[str, int], int] | None = None):
+    """agree_length(kind, local_length) -> length shared by all hosts ("query"/"passage"), e.g. a max over
+    `multihost_utils.process_allgather`; hosts must feed one global shape. Without it, several hosts pad
+    every batch to the max lengths, and a single host pads to the smallest bucket that fits."""
+    if not sources:
+      raise ValueError("InputPipeline needs at least one source")
+    self.sources = dict(sources)
+    self.sampler = MixtureSampler({n: len(s) for n, s in self.sources.items()}, mixture, process_index,
+                                  process_count)
+    self.cfg, self.strict, self.seed = preprocess, strict, mixture.seed
+    if agree_length is None and process_count > 1:
+      limits = {"query": preprocess.max_query_length, "passage": preprocess.max_passage_length}
+      agree_length = lambda kind, length: limits[kind]  # noqa: E731
+    self.batcher = Batcher(tokenizer, preprocess, agree_length)
+    self._bad = collections.Counter()
+
+  def __iter__(self) -> "InputPipeline":
+    return self
+
+  def __next__(self) -> dict:
+    plan = self.sampler.next_plan()
+    queries, passages, teacher = [], [], []
+    for row, s, record in zip(plan.rows.tolist(), plan.sources.tolist(), self._records(plan)):
+      name = self.sampler.names[s]
+      queries.append(self.cfg.query_text(record, name))
+      if self.cfg.stage == 1:
+        passages.append(self.cfg.passage_text(record["passage"], name))
+        continue
+      group, scores = self._group(name, record, plan.step, row)
+      passages.extend(self.cfg.passage_text(p, name) for p in group)
+      teacher.append(scores)
+    return self.batcher(queries, passages, teacher if self.cfg.stage == 2 and self.cfg.use_teacher else None)
+
+  def _records(self, plan: Plan) -> list[Mapping]:
+    """The plan's valid records in row order, read with one batched call per source."""
+    records: list[Mapping] = [{}] * len(plan.rows)
+    for s in np.unique(plan.sources).tolist():
+      name, rows = self.sampler.names[s], np.flatnonzero(plan.sources == s)
+      for r, record in zip(rows.tolist(), self._fetch(name, plan.indices[rows])):
+        key = (SALT_REPLACE, plan.step, int(plan.rows[r]))
+        records[r] = self._read(name, int(plan.indices[r]), *key, record=record)
+    return records
+
+  def _group(self, name: str, record: Mapping, step: int, row: int) -> tuple[list[str], list[float]]:
+    """Positive + k hard negatives with teacher scores; missing negatives are other records' positives."""
+    k = self.cfg.num_hard_negatives
+    chosen = choose_negatives(len(record["negatives"]), k, self.seed, step, row).tolist()
+    group = [record["positive"]] + [record["negatives"][j] for j in chosen]
+    scores = [float(record["positive_score"])] + [float(record["negative_scores"][j]) for j in chosen]
+    for slot in range(len(chosen), k):
+      taken = set(group)
+      for attempt in range(MAX_DRAWS):
+        key = (SALT_FILL, step, row, slot, attempt)
+        other = self._read(name, self._draw(name, *key), *key)
+        if other["positive"] not in taken:
+          break
+      else:
+        raise ValueError(f"source {name!r}: no passage outside the group of row {row} (step {step}) to "
+                         f"fill its {k} hard-negative slots; lower num_hard_negatives or grow the source")
+      group.append(other["positive"])
+      scores.append(pad_score(record))
+    return group, scores
+
+  def _draw(self, name: str, *key: int) -> int:
+    return int(uniform(self.seed, *key) * len(self.sources[name]))
+
+  def _fetch(self, name: str, indices: np.ndarray) -> list[Mapping]:
+    source = self.sources[name]
+    if hasattr(source, "__getitems__"):  # e.g. array_record: one call for many records
+      return source.__getitems__(indices.tolist())
+    return [source[i] for i in indices.tolist()]
+
+  def _read(self, name: str, index: int, *key: int, record: Mapping | None = None) -> Mapping:
+    """Record `index` of `name` (already read: `record`); a bad one is counted and replaced by a random
+    record drawn with `key`, so the replacement is the same on resume and on any host count."""
+    for attempt in range(MAX_DRAWS):
+      record = self.sources[name][index] if record is None else record
+      reason = check_record(record, name, self.cfg)
+      if reason is None:
+        return record
+      if self.strict:
+        raise ValueError(f"source {name!r} record {index}: {reason} (strict mode)")
+      self._bad[name, reason] += 1
+      index, record = self._draw(name, *key, attempt), None
+    raise ValueError(f"source {name!r}: {MAX_DRAWS} bad records in a row (last: {reason}); "
+                     f"rebuild it, bad records so far: {self.bad_records[name]}")
+
+  @property
+  def bad_records(self) -> dict[str, dict[str, int]]:
+    """Records skipped at read time on this host since construction, by source and reason."""
+    out: dict[str, dict[str, int]] = {}
+    for (name, reason), n in sorted(self._bad.items()):
+      out.setdefault(name, {})[reason] = n
+    return out
+
+  def epochs(self) -> dict[str, float]:
+    return self.sampler.epochs()
+
+  def get_state(self) -> dict:
+    return self.sampler.get_state()
+
+  def set_state(self, state: Mapping) -> None:
+    self.sampler.set_state(state)
+
+
+class Prefetch:
+  """Builds the next `size` batches in a background thread while the step runs (the tokenizer releases the
+  GIL). get_state / bad_records / epochs describe the batches handed out so far, not the buffered ones, so a
+  checkpoint taken between steps resumes exactly. Restore state into the InputPipeline before wrapping it.
+  Multi-host: agree_length then runs in this thread, so it must not issue device collectives that could
+  interleave with the train step's; keep the default (pad to the max lengths) there.
+  """
+
+  def __init__(self, pipeline: InputPipeline, size: int = 2):
+    self.pipeline = pipeline
+    self._report = self._snapshot()
+    self._queue: queue.Queue = queue.Queue(maxsize=size)
+    self._stop = threading.Event()
+    self._error: Exception | None = None
+    self._thread = threading.Thread(target=self._produce, name="input_pipeline", daemon=True)
+    self._thread.start()
+
+  def _snapshot(self) -> tuple[dict, dict, dict]:
+    return self.pipeline.get_state(), self.pipeline.bad_records, self.pipeline.epochs()
+
+  def _produce(self) -> None:
+    try:
+      while not self._stop.is_set():
+        batch = next(self.pipeline)
+        self._put((batch, self._snapshot()))
+    except Exception as e:  # noqa: BLE001 -- re-raised in the consumer by __next__
+      self._put((e, None))
+
+  def _put(self, item) -> None:
+    while not self._stop.is_set():
+      try:
+        self._queue.put(item, timeout=0.1)
+        return
+      except queue.Full:
+        continue
+
+  def __iter__(self) -> "Prefetch":
+    return self
+
+  def __next__(self) -> dict:
+    if self._error is None:
+      item, report = self._queue.get()
+      if report is not None:
+        self._report = report
+        return item
+      self._error = item
+    raise self._error
+
+  def get_state(self) -> dict:
+    return self._report[0]
+
+  @property
+  def bad_records(self) -> dict[str, dict[str, int]]:
+    return self._report[1]
+
+  def epochs(self) -> dict[str, float]:
+    return self._report[2]
+
+  def close(self) -> None:
+    self._stop.set()
+    self._thread.join()
+
+  def __enter__(self) -> "Prefetch":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()

@@ -1,0 +1,196 @@
+"""Records → the train step's batch: read-time checks, prefixes / instruct template, hard-negative choice,
+tokenization, padding to a few bucket lengths (DESIGN.md "Batch contract").
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from data_pipelines.mixture import hash64
+from me5_jax.losses import hash_ids
+from me5_jax.tokenize import PASSAGE_PREFIX, QUERY_PREFIX, Tokenizer, instruct_query
+
+# Symmetric pair types (translations): "query: " on both sides, as the model card asks for bitext, and as
+# the evaluation harness embeds both columns.
+SYMMETRIC_SOURCES = ("nllb", "bible")
+SALT_NEGATIVES = 11
+CLIP_CHARS_PER_TOKEN = 4  # texts longer than this many characters per allowed token get clip_words
+
+
+def bucket_lengths(max_length: int, smallest: int = 32) -> tuple[int, ...]:
+  """Powers of two from `smallest` below max_length, then max_length: 128 → (32, 64, 128)."""
+  out, b = [], smallest
+  while b < max_length:
+    out.append(b)
+    b *= 2
+  return tuple(out) + (max_length,)
+
+
+def pick_bucket(n: int, buckets: Sequence[int]) -> int:
+  """Smallest bucket that holds n tokens (rows were truncated to the largest, so one always does)."""
+  return next(b for b in buckets if b >= n)
+
+
+@dataclasses.dataclass(frozen=True)
+class PreprocessConfig:
+  """How records become token batches.
+
+  stage 1: (query, passage) pairs, G = 1, no teacher scores. stage 2: G = 1 + num_hard_negatives,
+  teacher_scores [B, G]. prefixes maps a source to (query prefix, passage prefix), overriding the
+  defaults ("query: "/"passage: ", or "query: " on both sides for SYMMETRIC_SOURCES). With instruct=True
+  queries become `Instruct: {task}\\nQuery: {q}` (task from the record, else instructions[source]) and
+  passages get no prefix. Buckets default to bucket_lengths(max length). use_teacher=False drops
+  teacher_scores (stage 2 without distillation), so records without scores (NaN, as built when the input
+  had none) are usable; with it on they are counted as "no_teacher_score".
+  """
+  stage: int = 1
+  max_query_length: int = 128
+  max_passage_length: int = 128
+  num_hard_negatives: int = 0
+  use_teacher: bool = True
+  instruct: bool = False
+  instructions: Mapping[str, str] = dataclasses.field(default_factory=dict)
+  prefixes: Mapping[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
+  query_buckets: tuple[int, ...] | None = None
+  passage_buckets: tuple[int, ...] | None = None
+
+  def __post_init__(self):
+    if self.stage not in (1, 2):
+      raise ValueError(f"stage must be 1 or 2, got {self.stage}")
+    if self.stage == 1 and self.num_hard_negatives:
+      raise ValueError("stage-1 pairs have no hard negatives: num_hard_negatives must be 0")
+    for name, buckets, limit in (("query_buckets", self.query_buckets, self.max_query_length),
+                                 ("passage_buckets", self.passage_buckets, self.max_passage_length)):
+      if buckets is not None and (list(buckets) != sorted(buckets) or buckets[-1] != limit):
+        raise ValueError(f"{name}={buckets} must be increasing and end at the max length {limit}")
+
+  @property
+  def group_size(self) -> int:
+    return 1 + self.num_hard_negatives
+
+  def prefix_pair(self, source: str) -> tuple[str, str]:
+    if source in self.prefixes:
+      return self.prefixes[source]
+    symmetric = source.split("/")[0] in SYMMETRIC_SOURCES  # "bible/demo" is a Bible pair set
+    return (QUERY_PREFIX, QUERY_PREFIX) if symmetric else (QUERY_PREFIX, PASSAGE_PREFIX)
+
+  def query_text(self, record: Mapping, source: str) -> str:
+    if self.instruct:
+      return instruct_query(record.get("task") or self.instructions[source], record["query"])
+    return self.prefix_pair(source)[0] + record["query"]
+
+  def passage_text(self, text: str, source: str) -> str:
+    return text if self.instruct else self.prefix_pair(source)[1] + text
+
+
+def _is_text(x) -> bool:
+  return isinstance(x, str)
+
+
+def _is_number(x) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def check_record(record: Mapping, source: str, cfg: PreprocessConfig) -> str | None:
+  """Why a record can't be used (a reason to count), or None. Builders already filter (the reasons shared
+  with data_pipelines.records.REASONS mean the same); this catches what slipped through or was written by
+  other tools, plus what only the read side can judge: no_negatives, no_teacher_score, no_task."""
+  texts = ("query", "passage") if cfg.stage == 1 else ("query", "positive")
+  for key in texts:
+    if record.get(key) is None:
+      return "missing_field"
+    if not _is_text(record[key]):
+      return "non_string"
+    if not record[key].strip():
+      return "empty_text"
+  if cfg.stage == 2:
+    for key in ("negatives", "positive_score", "negative_scores"):
+      if record.get(key) is None:
+        return "missing_field"
+    negatives, scores = record["negatives"], record["negative_scores"]
+    if not isinstance(negatives, (list, tuple)):
+      return "bad_negatives"
+    if not all(_is_text(n) for n in negatives):
+      return "non_string"
+    if not all(n.strip() for n in negatives):
+      return "empty_text"
+    if not _is_number(record["positive_score"]) or not isinstance(scores, (list, tuple)) \
+        or not all(_is_number(s) for s in scores):
+      return "bad_score"
+    if len(scores) != len(negatives):
+      return "bad_score"
+    if cfg.use_teacher and not all(math.isfinite(s) for s in (record["positive_score"], *scores)):
+      return "no_teacher_score"
+    if cfg.num_hard_negatives and not negatives:
+      return "no_negatives"
+  if cfg.instruct and not ((record.get("task") or "").strip() or cfg.instructions.get(source)):
+    return "no_task"
+  return None
+
+
+def choose_negatives(num_available: int, k: int, seed: int, step: int, row: int) -> np.ndarray:
+  """Up to k of a record's negatives, without replacement, keyed by (seed, step, global row) so the choice
+  is reproducible on resume and independent of the host count."""
+  keys = hash64(seed, SALT_NEGATIVES, step, row, np.arange(num_available))
+  return np.argsort(keys, kind="stable")[:k]
+
+
+def clip_words(text: str, max_words: int) -> str:
+  """`text` up to the whitespace after its first max_words words (all of it when it has fewer).
+
+  Tokenizers split on whitespace before the subword model runs, and every word gives at least one token,
+  so tokenizing this prefix and truncating to max_words tokens gives the same ids as tokenizing the whole
+  text: a 5,000-word mC4 page then costs a 128-word tokenization. Only the first text in a whitespace-free
+  script (Chinese, Japanese, Thai) is not shortened. Rows that still come out shorter than the limit
+  (words the normalizer erases entirely) are re-tokenized from the full text by the caller.
+  """
+  parts = text.split(maxsplit=max_words)
+  if len(parts) <= max_words:
+    return text
+  return text[:len(text) - len(parts[-1])].rstrip()
+
+
+def pad_score(record: Mapping) -> float:
+  """Teacher score for a random in-corpus passage filling a missing hard-negative slot: the teacher never
+  scored it, so it gets the record's lowest negative score (a random passage is at most as relevant as the
+  worst mined one). Records with no negatives at all are rejected ("no_negatives") rather than given an
+  invented score on an unknown scale."""
+  return float(min(record["negative_scores"]))
+
+
+class Batcher:
+  """Tokenizes formatted texts into the batch dict; `agree_length` lets hosts agree on one bucket."""
+
+  def __init__(self, tokenizer: Tokenizer, cfg: PreprocessConfig,
+               agree_length: Callable[[str, int], int] | None = None):
+    self.tokenizer, self.cfg = tokenizer, cfg
+    self.query_buckets = cfg.query_buckets or bucket_lengths(cfg.max_query_length)
+    self.passage_buckets = cfg.passage_buckets or bucket_lengths(cfg.max_passage_length)
+    self.agree_length = agree_length
+
+  def _tokenize(self, texts: list[str], max_length: int, buckets: Sequence[int], key: str):
+    # Clipping is only worth a Python call for texts that may hold more words than max_length.
+    clipped = [clip_words(t, max_length) if len(t) > CLIP_CHARS_PER_TOKEN * max_length else t for t in texts]
+    rows = self.tokenizer.token_ids(clipped, max_length)
+    short = [i for i, (t, c, r) in enumerate(zip(texts, clipped, rows)) if c is not t and len(r) < max_length]
+    for i, r in zip(short, self.tokenizer.token_ids([texts[i] for i in short], max_length)):
+      rows[i] = r
+    length = pick_bucket(max(len(r) for r in rows), buckets)
+    if self.agree_length is not None:
+      length = self.agree_length(key, length)
+    return self.tokenizer.pad(rows, length)
+
+  def __call__(self, queries: list[str], passages: list[str], teacher_BxG: np.ndarray | None = None):
+    """queries: B texts; passages: B·G texts, row-major (row i's group is passages[i·G:(i+1)·G])."""
+    b, g = len(queries), self.cfg.group_size
+    query_ids, query_mask = self._tokenize(queries, self.cfg.max_query_length, self.query_buckets, "query")
+    ids_NxL, mask_NxL = self._tokenize(passages, self.cfg.max_passage_length, self.passage_buckets, "passage")
+    batch = {"query_ids": query_ids, "query_mask": query_mask,
+             "passage_ids": ids_NxL.reshape(b, g, -1), "passage_mask": mask_NxL.reshape(b, g, -1),
+             "passage_hash": hash_ids(ids_NxL, mask_NxL).reshape(b, g, 2)}
+    if teacher_BxG is not None:
+      batch["teacher_scores"] = np.asarray(teacher_BxG, np.float32).reshape(b, g)
+    return batch

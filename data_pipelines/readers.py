@@ -1,0 +1,156 @@
+"""User files (JSONL, TSV, Parquet) → raw rows tagged with file and line, damage reported instead of raised.
+
+A corpus of a billion lines always has some bad ones; one undecodable line must not cost a day's build.
+Readers therefore never raise on a bad line: they yield a `Row` whose `error` names the reason, and
+`records.py` decides (skip and count, or stop in strict mode). Problems with a whole file (missing,
+unreadable, unknown format, a TSV header without the needed columns) are raised by `check_files` before
+any work starts. Blank lines are not records and are passed over silently.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Iterator, Sequence
+
+MAX_RECORD_BYTES = 1 << 20  # records above 1 MB are skipped as `oversized`
+FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".tsv": "tsv", ".parquet": "parquet"}
+
+
+class InputError(ValueError):
+  """A whole input is unusable (missing, unreadable, wrong format or columns): raised before any work."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  """One raw record. `line` is 1-based: the file line for JSONL/TSV (the TSV header is line 1), the row
+  number for Parquet. `value` is the decoded JSON value or a column → value dict; None when `error` is set."""
+  path: str
+  line: int
+  value: Any = None
+  error: str | None = None
+  detail: str = ""
+
+
+def file_format(path: str) -> str:
+  ext = os.path.splitext(path)[1].lower()
+  if ext not in FORMATS:
+    raise InputError(f"{path}: unknown input format {ext!r}; expected one of {sorted(FORMATS)}")
+  return FORMATS[ext]
+
+
+def columns(path: str) -> list[str] | None:
+  """Column names of a TSV (header row) or Parquet (schema) file; None for JSONL, whose keys vary by line."""
+  fmt = file_format(path)
+  if fmt == "tsv":
+    with open(path, "rb") as f:
+      header = f.readline()
+    try:
+      return header.decode("utf-8").rstrip("\r\n").split("\t") if header.strip() else []
+    except UnicodeDecodeError as e:
+      raise InputError(f"{path}:1: TSV header is not valid UTF-8 ({e.reason})") from None
+  if fmt == "parquet":
+    import pyarrow.parquet as pq
+    try:
+      return list(pq.read_schema(path).names)
+    except Exception as e:  # pyarrow raises several types for a damaged footer
+      raise InputError(f"{path}: not a readable Parquet file ({e})") from None
+  return None
+
+
+def check_files(paths: Sequence[str], required: Sequence[Sequence[str]] = ()) -> None:
+  """Raises InputError for the first input that cannot be read at all.
+
+  `required` lists (feature, column, alternative columns...) tuples: a TSV or Parquet file must have one of
+  the columns for every feature, since otherwise every one of its rows would be skipped.
+  """
+  if not paths:
+    raise InputError("no input files given")
+  for path in paths:
+    if not os.path.isfile(path):
+      raise InputError(f"{path}: no such file")
+    if not os.access(path, os.R_OK):
+      raise InputError(f"{path}: not readable (permissions)")
+    names = columns(path)
+    if names is None:
+      continue
+    for feature, *accepted in required:
+      if not set(accepted) & set(names):
+        raise InputError(f"{path}: no column for {feature!r} (accepted: {', '.join(accepted)}; "
+                         f"the file has: {', '.join(names) or 'no columns'})")
+
+
+def read_rows(path: str) -> Iterator[Row]:
+  return {"jsonl": _jsonl_rows, "tsv": _tsv_rows, "parquet": _parquet_rows}[file_format(path)](path)
+
+
+def _lines(path: str) -> Iterator[tuple[int, bytes]]:
+  """(1-based line number, line without its line ending) for non-blank lines."""
+  with open(path, "rb") as f:
+    for number, line in enumerate(f, 1):
+      line = line.rstrip(b"\r\n")
+      if line.strip():
+        yield number, line
+
+
+def _decoded(path: str, number: int, line: bytes) -> Row | str:
+  if len(line) > MAX_RECORD_BYTES:
+    return Row(path, number, error="oversized", detail=f"{len(line)} bytes > {MAX_RECORD_BYTES}")
+  try:
+    return line.decode("utf-8")
+  except UnicodeDecodeError as e:
+    return Row(path, number, error="undecodable", detail=f"invalid UTF-8 at byte {e.start}")
+
+
+def _jsonl_rows(path: str) -> Iterator[Row]:
+  for number, line in _lines(path):
+    text = _decoded(path, number, line)
+    if isinstance(text, Row):
+      yield text
+      continue
+    try:
+      yield Row(path, number, json.loads(text))
+    except json.JSONDecodeError as e:
+      yield Row(path, number, error="malformed_json", detail=f"{e.msg} at column {e.colno}")
+
+
+def _tsv_rows(path: str) -> Iterator[Row]:
+  """Tab-separated, no quoting (a text containing a tab must have it escaped); the first line names columns."""
+  header = columns(path)
+  for number, line in _lines(path):
+    if number == 1:
+      continue
+    text = _decoded(path, number, line)
+    if isinstance(text, Row):
+      yield text
+      continue
+    cells = text.split("\t")
+    if len(cells) != len(header):
+      yield Row(path, number, error="ragged_row", detail=f"{len(cells)} cells, header has {len(header)}")
+    else:
+      yield Row(path, number, dict(zip(header, cells)))
+
+
+def _size(value: Any) -> int:
+  if isinstance(value, str):
+    return len(value.encode("utf-8", "surrogatepass"))
+  if isinstance(value, bytes):
+    return len(value)
+  if isinstance(value, dict):
+    return sum(_size(v) for v in value.values())
+  if isinstance(value, list):
+    return sum(_size(v) for v in value)
+  return 8
+
+
+def _parquet_rows(path: str, batch_rows: int = 4096) -> Iterator[Row]:
+  import pyarrow.parquet as pq
+  number = 0
+  for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows):
+    for value in batch.to_pylist():
+      number += 1
+      size = _size(value)
+      if size > MAX_RECORD_BYTES:
+        yield Row(path, number, error="oversized", detail=f"{size} bytes > {MAX_RECORD_BYTES}")
+      else:
+        yield Row(path, number, value)

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Creates (or reuses) the project's virtualenv at .venv and installs me5_jax with the given extras.
+# Usage: source launch/setup_env.sh [EXTRAS]   (default extras: cpu,data,torch)
+# Reinstalls only when setup.cfg changed since the last install, so repeated runs cost seconds.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+EXTRAS=${1:-cpu,data,torch}
+PY=${PYTHON:-python3}
+VENV="$ROOT/.venv"
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[setup] creating $VENV" >&2
+  "$PY" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" >&2 || true
+fi
+STAMP="$VENV/.me5_jax-$EXTRAS-$(sha1sum "$ROOT/setup.cfg" | cut -c1-12)"
+if [ ! -f "$STAMP" ]; then
+  echo "[setup] installing me5_jax[$EXTRAS] (a few minutes the first time)" >&2
+  "$VENV/bin/python" -m pip install -q -e "${ROOT}[${EXTRAS}]" 2>&1 | grep -vE "is ignored|^\s*$" >&2 || true
+  "$VENV/bin/python" -c "import me5_jax, jax, flax, optax, orbax.checkpoint" || { echo "[setup] install failed" >&2; exit 1; }
+  touch "$STAMP"
+fi
+export PATH="$VENV/bin:$PATH"
+export TRANSFORMERS_VERBOSITY=${TRANSFORMERS_VERBOSITY:-error}
+export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-3}

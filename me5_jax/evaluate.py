@@ -1,0 +1,387 @@
+"""Evaluate an embedding model: BEIR retrieval, bitext mining P@1, STS correlation.
+
+  python -m me5_jax.evaluate --model DIR --task {retrieval,bitext,sts} --data PATH \
+      [--query-prefix STR] [--passage-prefix STR] [--pivot COLUMN] [--output metrics.json]
+
+Prints the metrics as one JSON object, the last line on stdout; progress and data reports go to stderr.
+The trainer calls `evaluate_retrieval` / `evaluate_bitext` / `evaluate_sts` on an `Embedder` in-process;
+the CLI only parses flags, loads data (so bad data fails before the model loads) and prints.
+
+Data files are read line by line and never stop on a bad row: each bad row is skipped, counted per reason,
+and reported on stderr with the file:line of the first one; the metrics JSON says how many rows were used
+("num_*") and skipped ("skipped": {reason: count}). What makes a whole file unusable (missing file, bad
+header, unknown pivot, no usable rows) raises `DataError`, a one-line message naming the file.
+TSV files are split on tab only: no quoting (Bible verses contain quote characters).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+from typing import TYPE_CHECKING, Iterator, Sequence
+
+import numpy as np
+
+from me5_jax import metrics
+from me5_jax.tokenize import PASSAGE_PREFIX, QUERY_PREFIX
+
+if TYPE_CHECKING:
+  from me5_jax.embedder import Embedder
+
+ID_COLUMNS = ("ref", "id")  # a bitext header column with one of these names (any case) is a row id
+TOP_K = 100  # retrieval run depth: Recall@100 needs 100, nDCG@10 and MRR@10 fewer
+
+
+class DataError(ValueError):
+  """An evaluation input that cannot be used at all; the message names the file (and line)."""
+
+
+class BadRows:
+  """Counts skipped rows per (file, reason) and remembers the line of the first of each."""
+
+  def __init__(self):
+    self.counts: dict[tuple[str, str], int] = {}
+    self.first_line: dict[tuple[str, str], int] = {}
+
+  def add(self, reason: str, path: str, lineno: int) -> None:
+    key = (path, reason)
+    self.counts[key] = self.counts.get(key, 0) + 1
+    self.first_line.setdefault(key, lineno)
+
+  def report(self) -> None:
+    for (path, reason), n in self.counts.items():
+      print(f"{path}:{self.first_line[path, reason]}: {reason} "
+            f"({n} row{'s' * (n != 1)} skipped, first one shown)", file=sys.stderr)
+
+  def as_dict(self) -> dict[str, int]:
+    """{"<file name>: <reason>": count}, for the metrics JSON."""
+    return {f"{os.path.basename(path)}: {reason}": n for (path, reason), n in self.counts.items()}
+
+
+def _require_file(path: str) -> None:
+  if not os.path.isfile(path):
+    raise DataError(f"{path}: no such file")
+
+
+def _lines(path: str, bad: BadRows) -> Iterator[tuple[int, str]]:
+  """(line number, text) for non-blank lines; undecodable lines are counted bad, not fatal."""
+  _require_file(path)
+  with open(path, "rb") as f:
+    for lineno, raw in enumerate(f, 1):
+      try:
+        line = raw.decode("utf-8").rstrip("\r\n")
+      except UnicodeDecodeError:
+        bad.add("invalid UTF-8", path, lineno)
+        continue
+      if line.strip():
+        yield lineno, line
+
+
+def _tsv(path: str, bad: BadRows) -> tuple[list[str], Iterator[tuple[int, list[str]]]]:
+  """Header fields and an iterator of (line number, fields) for rows with as many fields."""
+  lines = _lines(path, bad)
+  first = next(lines, None)
+  if first is None:
+    raise DataError(f"{path}: empty file, expected a header row")
+  header = first[1].split("\t")
+
+  def rows():
+    for lineno, line in lines:
+      fields = line.split("\t")
+      if len(fields) != len(header):
+        bad.add(f"ragged row (header has {len(header)} fields)", path, lineno)
+      else:
+        yield lineno, fields
+  return header, rows()
+
+
+def _float(text: str) -> float | None:
+  try:
+    value = float(text)
+  except ValueError:
+    return None
+  return value if math.isfinite(value) else None
+
+
+def _finish(result: dict, bad: BadRows) -> dict:
+  result["skipped"] = bad.as_dict()
+  return result
+
+
+# ---------------------------------------------------------------------------------------------------
+# Retrieval (BEIR folder)
+# ---------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class RetrievalData:
+  doc_ids: list[str]     # sorted, so index order is the tie-break order
+  passages: list[str]
+  query_ids: list[str]   # queries with ≥1 relevant doc, sorted
+  queries: list[str]
+  qrels: dict[str, dict[str, float]]
+  bad: BadRows
+
+
+def _qrels_path(data_dir: str) -> str:
+  for name in (os.path.join("qrels", "test.tsv"), "qrels.tsv"):
+    if os.path.isfile(os.path.join(data_dir, name)):
+      return os.path.join(data_dir, name)
+  raise DataError(f"{data_dir}: no qrels/test.tsv or qrels.tsv")
+
+
+def _jsonl(path: str, bad: BadRows, fields: Sequence[str]) -> dict[str, dict]:
+  """`_id` → record for lines that parse and have a non-empty string `_id` and string `fields`."""
+  records: dict[str, dict] = {}
+  for lineno, line in _lines(path, bad):
+    try:
+      rec = json.loads(line)
+    except json.JSONDecodeError:
+      bad.add("bad JSON", path, lineno)
+      continue
+    if not isinstance(rec, dict) or not isinstance(rec.get("_id"), (str, int)) or rec["_id"] == "":
+      bad.add("missing _id", path, lineno)
+    elif any(not isinstance(rec.get(f, ""), str) for f in fields) or "text" not in rec:
+      bad.add("missing or non-string text", path, lineno)
+    elif str(rec["_id"]) in records:
+      bad.add("duplicate _id", path, lineno)
+    else:
+      records[str(rec["_id"])] = rec
+  return records
+
+
+def load_retrieval(data_dir: str) -> RetrievalData:
+  """Reads a BEIR folder; keeps the queries that have a relevant (grade > 0) doc in the qrels."""
+  for name in ("corpus.jsonl", "queries.jsonl"):
+    _require_file(os.path.join(data_dir, name))
+  qrels_path = _qrels_path(data_dir)
+  bad = BadRows()
+  corpus = _jsonl(os.path.join(data_dir, "corpus.jsonl"), bad, ("title", "text"))
+  queries = _jsonl(os.path.join(data_dir, "queries.jsonl"), bad, ("text",))
+  header, rows = _tsv(qrels_path, bad)
+  if [h.strip() for h in header] != ["query-id", "corpus-id", "score"]:
+    raise DataError(f"{qrels_path}:1: expected header 'query-id<TAB>corpus-id<TAB>score', got {header}")
+  qrels: dict[str, dict[str, float]] = {}
+  for lineno, (qid, did, grade) in rows:
+    score = _float(grade)
+    if score is None:
+      bad.add("non-numeric score", qrels_path, lineno)
+    elif qid not in queries:
+      bad.add("unknown query-id", qrels_path, lineno)
+    elif did not in corpus:
+      bad.add("unknown corpus-id", qrels_path, lineno)
+    else:
+      qrels.setdefault(qid, {})[did] = score
+  bad.report()
+  if not corpus:
+    raise DataError(f"{data_dir}/corpus.jsonl: no usable documents")
+  qids = sorted(q for q, rels in qrels.items() if any(g > 0 for g in rels.values()))
+  if not qids:
+    raise DataError(f"{qrels_path}: no query with a relevant (score > 0) document")
+  doc_ids = sorted(corpus)
+  return RetrievalData(
+      doc_ids=doc_ids,
+      passages=[(corpus[d].get("title", "") + " " + corpus[d]["text"]).strip() for d in doc_ids],
+      query_ids=qids, queries=[queries[q]["text"] for q in qids], qrels=qrels, bad=bad)
+
+
+def evaluate_retrieval(embedder: "Embedder", data: str | RetrievalData, query_prefix: str = QUERY_PREFIX,
+                       passage_prefix: str = PASSAGE_PREFIX, batch_size: int = 64,
+                       max_length: int | None = None, progress: bool = False) -> dict:
+  """nDCG@10, Recall@100, MRR@10 of exact cosine search over the whole corpus (see metrics.py)."""
+  data = load_retrieval(data) if isinstance(data, str) else data
+  encode = dict(batch_size=batch_size, max_length=max_length, progress=progress)
+  p_NxD = embedder.encode(data.passages, prefix=passage_prefix, **encode)
+  q_QxD = embedder.encode(data.queries, prefix=query_prefix, **encode)
+  score_QxK, idx_QxK = metrics.top_k_search(q_QxD, p_NxD, TOP_K)
+  run = {q: {data.doc_ids[j]: float(s) for s, j in zip(score_QxK[i], idx_QxK[i])}
+         for i, q in enumerate(data.query_ids)}
+  result = {"task": "retrieval", **metrics.retrieval_metrics(run, {q: data.qrels[q] for q in data.query_ids}),
+            "num_queries": len(data.query_ids), "num_docs": len(data.doc_ids),
+            "num_qrels": sum(len(r) for r in data.qrels.values())}
+  return _finish(result, data.bad)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bitext mining (aligned TSV)
+# ---------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class BitextData:
+  columns: list[str]           # language columns, in file order
+  pivot: str
+  texts: dict[str, list[str]]  # column → aligned texts
+  bad: BadRows
+
+
+def load_bitext(path: str, pivot: str | None = None, rows: Sequence[int] | None = None) -> BitextData:
+  """Language columns are all header columns except those named `ref`/`id`; `rows` picks 0-based data
+  rows to keep, row n being line n + 2 of the file. A row with an empty cell is skipped: an empty text
+  has no translation to find."""
+  bad = BadRows()
+  header, tsv_rows = _tsv(path, bad)
+  if len(set(header)) != len(header):
+    raise DataError(f"{path}:1: duplicate column names in header {header}")
+  lang_cols = [i for i, h in enumerate(header) if h.strip().lower() not in ID_COLUMNS]
+  columns = [header[i] for i in lang_cols]
+  if len(columns) < 2:
+    raise DataError(f"{path}:1: need ≥2 language columns, header is {header}")
+  pivot = columns[0] if pivot is None else pivot
+  if pivot not in columns:
+    raise DataError(f"{path}:1: pivot column {pivot!r} not in {columns}")
+  keep = None if rows is None else set(rows)
+  texts: dict[str, list[str]] = {c: [] for c in columns}
+  for lineno, fields in tsv_rows:
+    if keep is not None and lineno - 2 not in keep:
+      continue
+    if any(not fields[i].strip() for i in lang_cols):
+      bad.add("empty cell", path, lineno)
+      continue
+    for c, i in zip(columns, lang_cols):
+      texts[c].append(fields[i])
+  bad.report()
+  if not texts[pivot]:
+    raise DataError(f"{path}: no usable rows")
+  return BitextData(columns, pivot, texts, bad)
+
+
+def evaluate_bitext(embedder: "Embedder", data: str | BitextData, pivot: str | None = None,
+                    prefix: str | None = None, rows: Sequence[int] | None = None, batch_size: int = 64,
+                    max_length: int | None = None, progress: bool = False) -> dict:
+  """P@1 of every column against the pivot, both directions; `pivot`/`rows` apply when `data` is a path.
+
+  All columns go through one `encode` call so length-sorted batching spans languages.
+  """
+  data = load_bitext(data, pivot, rows) if isinstance(data, str) else data
+  n = len(data.texts[data.pivot])
+  emb = embedder.encode([t for c in data.columns for t in data.texts[c]], prefix=prefix,
+                        batch_size=batch_size, max_length=max_length, progress=progress)
+  emb_by_col = {c: emb[i * n:(i + 1) * n] for i, c in enumerate(data.columns)}
+  pivot_NxD = emb_by_col[data.pivot]
+  per_col = {c: {"to_pivot": metrics.p_at_1(emb_by_col[c], pivot_NxD),
+                 "from_pivot": metrics.p_at_1(pivot_NxD, emb_by_col[c])}
+             for c in data.columns if c != data.pivot}
+  to_pivot = float(np.mean([v["to_pivot"] for v in per_col.values()]))
+  from_pivot = float(np.mean([v["from_pivot"] for v in per_col.values()]))
+  result = {"task": "bitext", "pivot": data.pivot, "p@1": per_col,
+            "mean_p@1_to_pivot": to_pivot, "mean_p@1_from_pivot": from_pivot,
+            "mean_p@1": (to_pivot + from_pivot) / 2, "num_rows": n}
+  return _finish(result, data.bad)
+
+
+# ---------------------------------------------------------------------------------------------------
+# STS (sentence1, sentence2, score TSV)
+# ---------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class StsData:
+  sentence1: list[str]
+  sentence2: list[str]
+  scores: list[float]
+  bad: BadRows
+
+
+def load_sts(path: str) -> StsData:
+  """Columns found by header name (`sentence1`, `sentence2`, `score`); other columns are ignored."""
+  bad = BadRows()
+  header, tsv_rows = _tsv(path, bad)
+  names = [h.strip() for h in header]
+  missing = [c for c in ("sentence1", "sentence2", "score") if c not in names]
+  if missing:
+    raise DataError(f"{path}:1: header lacks {missing}, got {header}")
+  i1, i2, iscore = names.index("sentence1"), names.index("sentence2"), names.index("score")
+  data = StsData([], [], [], bad)
+  for lineno, fields in tsv_rows:
+    score = _float(fields[iscore])
+    if score is None:
+      bad.add("non-numeric score", path, lineno)
+      continue
+    data.sentence1.append(fields[i1])
+    data.sentence2.append(fields[i2])
+    data.scores.append(score)
+  bad.report()
+  if len(data.scores) < 2:
+    raise DataError(f"{path}: fewer than 2 usable rows")
+  return data
+
+
+def evaluate_sts(embedder: "Embedder", data: str | StsData, prefix: str | None = None,
+                 batch_size: int = 64, max_length: int | None = None, progress: bool = False) -> dict:
+  """Spearman and Pearson correlation of cosine(sentence1, sentence2) with the gold score."""
+  data = load_sts(data) if isinstance(data, str) else data
+  n = len(data.scores)
+  emb = embedder.encode(data.sentence1 + data.sentence2, prefix=prefix, batch_size=batch_size,
+                        max_length=max_length, progress=progress)
+  cos_N = np.sum(emb[:n] * emb[n:], axis=1)
+  gold_N = np.array(data.scores)
+  result = {"task": "sts", "spearman": metrics.spearman(cos_N, gold_N),
+            "pearson": metrics.pearson(cos_N, gold_N), "num_pairs": n}
+  return _finish(result, data.bad)
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+  ap = argparse.ArgumentParser(prog="python -m me5_jax.evaluate", description=__doc__.split("\n")[0])
+  ap.add_argument("--model", required=True, help="HF model folder (config.json, weights, tokenizer)")
+  ap.add_argument("--task", required=True, choices=("retrieval", "bitext", "sts"))
+  ap.add_argument("--data", required=True, help="BEIR folder (retrieval) or TSV file (bitext, sts)")
+  ap.add_argument("--query-prefix", default=None,
+                  help=f"retrieval queries (default {QUERY_PREFIX!r}); every text for bitext/sts "
+                       "(default none); '' for none")
+  ap.add_argument("--passage-prefix", default=None, help=f"retrieval passages (default {PASSAGE_PREFIX!r})")
+  ap.add_argument("--pivot", default=None, help="bitext pivot column (default: first language column)")
+  ap.add_argument("--output", default=None, help="also write the metrics JSON here")
+  ap.add_argument("--batch-size", type=int, default=64)
+  ap.add_argument("--max-length", type=int, default=None, help="tokens per text (default: the model's)")
+  return ap.parse_args(argv)
+
+
+def _prefix(value: str | None, default: str) -> str:
+  return default if value is None else value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = _parse_args(argv)
+  try:
+    if not os.path.isdir(args.model):
+      raise DataError(f"{args.model}: no such model folder")
+    if args.task == "retrieval":
+      data = load_retrieval(args.data)
+    elif args.task == "bitext":
+      data = load_bitext(args.data, args.pivot)
+    else:
+      data = load_sts(args.data)
+  except DataError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  from me5_jax.embedder import Embedder  # after the data checks: bad input fails in well under a second
+  try:
+    embedder = Embedder.from_pretrained(args.model)
+  except FileNotFoundError as e:  # the loaders name the missing file
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  encode = dict(batch_size=args.batch_size, max_length=args.max_length, progress=True)
+  if args.task == "retrieval":
+    result = evaluate_retrieval(embedder, data, _prefix(args.query_prefix, QUERY_PREFIX),
+                                _prefix(args.passage_prefix, PASSAGE_PREFIX), **encode)
+  elif args.task == "bitext":
+    result = evaluate_bitext(embedder, data, prefix=args.query_prefix, **encode)
+  else:
+    result = evaluate_sts(embedder, data, prefix=args.query_prefix, **encode)
+  used = {k: v for k, v in result.items() if k.startswith("num_")}
+  print(f"used {used}, skipped {result['skipped'] or 'nothing'}", file=sys.stderr)
+  text = json.dumps({"model": args.model, "data": args.data, **result})
+  if args.output:
+    with open(args.output, "w", encoding="utf-8") as f:
+      f.write(text + "\n")
+  print(text, flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

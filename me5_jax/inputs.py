@@ -1,0 +1,75 @@
+"""What the trainer starts from: the model (HF folder or scratch variant) and the input pipeline over the
+datasets named by `train_data`, both resolved from the config before anything compiles."""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+from me5_jax import config as config_lib
+from me5_jax import fetch, hf_io
+from me5_jax.tokenize import Tokenizer
+from me5_jax.variants import EncoderConfig, get_variant
+
+log = logging.getLogger(__name__)
+AUTO_BUILT = ("bible", "bible/demo")  # built from the fetched Bible database on first use
+
+
+def model_source(config) -> tuple[str, EncoderConfig, Any]:
+  """(model folder or "", encoder config, host params or None for a fresh init of `model_variant`)."""
+  if not config.init_checkpoint:
+    return "", get_variant(config.model_variant), None
+  model_dir = fetch.resolve_model(config.init_checkpoint)
+  enc_cfg, params = hf_io.load_pretrained(model_dir)
+  return model_dir, enc_cfg, params
+
+
+def _open_sources(config) -> dict[str, Any]:
+  from data_pipelines import builders
+  from data_pipelines.source import dataset_path, open_source
+  data_dir = os.path.expanduser(config.data_dir)
+  names = list(config_lib.parse_train_data(config.train_data))
+  for name in names:
+    if name in AUTO_BUILT and not os.path.exists(os.path.join(dataset_path(data_dir, name), "dataset_info.json")):
+      # Process 0 builds; the others wait, then build only if their data_dir is not shared with it.
+      if jax.process_index() == 0:
+        log.info("building the %s dataset into %s (once)", name, data_dir)
+        builders.build(name, data_dir)
+      if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(f"built {name}")
+        if not os.path.exists(dataset_path(data_dir, name)):
+          builders.build(name, data_dir)
+  return {name: open_source(data_dir, name) for name in names}
+
+
+def input_pipeline(config, tokenizer: Tokenizer):
+  """The InputPipeline for this process: its share of every global batch, in the batch contract layout."""
+  from data_pipelines.input_pipeline import InputPipeline
+  from data_pipelines.mixture import MixtureConfig
+  from data_pipelines.preprocess import PreprocessConfig
+  sources = _open_sources(config)
+  for name, src in sources.items():
+    report = getattr(src, "build_report", {}) or {}
+    skipped = report.get("skipped") or {}
+    log.info("source %s: %d records%s", name, len(src), f"; skipped at build: {skipped}" if skipped else "")
+  weights = config_lib.parse_train_data(config.train_data)
+  mixture = MixtureConfig(
+      global_batch_size=config.batch_size, seed=config.seed, alpha=config.mixture_alpha,
+      same_source_batches=config.same_source_batches,
+      weights=None if all(w is None for w in weights.values()) else
+      {n: (1.0 if w is None else w) for n, w in weights.items()})
+  preprocess = PreprocessConfig(
+      stage=1 if config.stage == "pretrain" else 2, max_query_length=config.query_max_length,
+      max_passage_length=config.passage_max_length, num_hard_negatives=config.num_hard_negatives,
+      use_teacher=config.use_teacher, instruct=config.instruct,
+      prefixes={n: (config.query_prefix, config.passage_prefix) for n in sources})
+  agree = None
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    agree = lambda kind, n: int(multihost_utils.process_allgather(np.array(n)).max())  # noqa: E731
+  return InputPipeline(sources, tokenizer, mixture, preprocess, process_index=jax.process_index(),
+                       process_count=jax.process_count(), strict=config.strict_data, agree_length=agree)

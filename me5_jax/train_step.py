@@ -1,0 +1,266 @@
+"""The contrastive train step: optimizer, TrainState, and `train_step(state, batch) -> (state, metrics)` in
+two variants, plain and GradCache, both exact w.r.t. a single-device computation on the global batch.
+
+Cross-device negatives: the step is one jitted program over global arrays (GSPMD). Embeddings come out
+of the encoder row-sharded over data × fsdp; `_global_loss` then constrains the passages to be
+replicated, which is an explicit all-gather (every device holds all B·G passages, each device scores its
+own query rows against all of them), and the loss sees the global batch, as `losses.e5_loss` requires.
+Its gradient is the transpose of that all-gather (a reduce-scatter XLA inserts), so the gradient scale
+and column order are those of the single-device loss by construction; `tests/test_train_step.py`
+checks this against `jax.grad` on one device.
+
+Dropout: each example row gets its own key, `fold_in(stream key of step, global row index)`, and the
+encoder is vmapped over rows. A row's dropout mask is then a function of (seed, step, row) only, not of
+how many rows are encoded together, so GradCache's chunks, the plain step and any mesh draw the same
+masks (Flax's masks depend on the array shape, so a batched key would not give this).
+
+GradCache (Gao et al. 2021): `gradcache.chunk_size` = C queries per batch shard per chunk; a chunk holds C
+rows from each of the data × fsdp shards (C·data·fsdp queries and their G passages each), so it stays
+sharded over the mesh and per-device activation memory depends on C only. Pass 1 embeds the chunks
+without keeping activations; the loss and its gradient w.r.t. the global embeddings are taken on the
+gathered batch; pass 2 re-encodes chunk by chunk under `jax.vjp` with those embedding gradients and sums
+the param gradients (a `lax.scan`, so one chunk's activations are live at a time).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from me5_jax import encoder as enc
+from me5_jax import losses
+from me5_jax import sharding
+from me5_jax.variants import EncoderConfig
+
+Batch = dict[str, jax.Array]
+
+
+def default_step_config() -> ml_collections.ConfigDict:
+  """Every key the step reads, with defaults (English E5 / mE5 settings); trainer configs extend it."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.batch_size = 256                      # global: all hosts' rows together
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.gradcache = ml_collections.ConfigDict(dict(chunk_size=0))  # queries per batch shard per chunk; 0 = off
+  c.temperature = 0.01
+  c.learning_rate = 1e-4
+  c.warmup_steps = 1000
+  c.total_steps = 30000
+  c.weight_decay = 0.01
+  c.grad_clip_norm = 1.0
+  c.dtype = "float32"                     # activation dtype; params stay float32 ("bfloat16" = mixed precision)
+  c.remat = "none"                        # per-layer rematerialisation: none | full | dots
+  c.loss = ml_collections.ConfigDict(dict(
+      terms=("qp",), false_negative_masking=True, kd_alpha=0.2, teacher_temperature=1.0,
+      matryoshka_dims=(), matryoshka_weights=()))
+  return c
+
+
+def loss_config(config: ml_collections.ConfigDict) -> losses.LossConfig:
+  lc = config.loss
+  return losses.LossConfig(
+      temperature=config.temperature, terms=tuple(lc.terms), false_negative_masking=lc.false_negative_masking,
+      kd_alpha=lc.kd_alpha, teacher_temperature=lc.teacher_temperature,
+      matryoshka_dims=tuple(lc.matryoshka_dims), matryoshka_weights=tuple(lc.matryoshka_weights))
+
+
+def encoder_config(base: EncoderConfig, config: ml_collections.ConfigDict) -> EncoderConfig:
+  """The variant (or checkpoint) config with the step's precision and remat choices; params stay fp32."""
+  return base.replace(dtype=config.dtype, remat=config.remat, param_dtype="float32")
+
+
+def check_config(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
+  """One-line errors naming the key, raised before anything compiles."""
+  sharding.check_batch_size(config.batch_size, mesh)
+  chunk, per_shard = config.gradcache.chunk_size, config.batch_size // sharding.num_batch_shards(mesh)
+  if chunk < 0 or (chunk and per_shard % chunk):
+    raise ValueError(f"gradcache.chunk_size={chunk} must be 0 (off) or divide the per-shard batch {per_shard} "
+                     f"(batch_size / (mesh.data*mesh.fsdp))")
+  if not 0 <= config.warmup_steps <= config.total_steps:
+    raise ValueError(f"warmup_steps={config.warmup_steps} must be in [0, total_steps={config.total_steps}]")
+  loss_config(config)  # LossConfig validates the loss.* keys
+
+
+# ---------------------------------------------------------------------------------------------- optimizer
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warmup from 0 to learning_rate, then linear decay to 0 at total_steps."""
+  warmup = optax.linear_schedule(0.0, config.learning_rate, config.warmup_steps)
+  decay = optax.linear_schedule(config.learning_rate, 0.0, config.total_steps - config.warmup_steps)
+  return optax.join_schedules([warmup, decay], [config.warmup_steps])
+
+
+def decay_mask(params: Any) -> Any:
+  """True where AdamW applies weight decay: not LayerNorm params and not biases (as HF/E5 do)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: not (sharding.path_str(path).endswith("bias") or "LayerNorm" in sharding.path_str(path)),
+      params)
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  return optax.chain(
+      optax.clip_by_global_norm(config.grad_clip_norm),
+      optax.adamw(learning_rate_schedule(config), b1=0.9, b2=0.999, eps=1e-8,
+                  weight_decay=config.weight_decay, mask=decay_mask))
+
+
+class TrainState(struct.PyTreeNode):
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def _rngs(seed: int) -> tuple[jax.Array, jax.Array]:
+  """(param init key, dropout stream key): dropout of step s is fold_in(stream, s)."""
+  init_rng, dropout_rng = jax.random.split(jax.random.key(seed))
+  return init_rng, dropout_rng
+
+
+def _state_fn(enc_cfg: EncoderConfig, config: ml_collections.ConfigDict) -> Callable[[Any], TrainState]:
+  tx = make_optimizer(config)
+  return lambda params: TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def abstract_train_state(enc_cfg: EncoderConfig, config: ml_collections.ConfigDict, mesh: Mesh) -> TrainState:
+  """Shapes, dtypes and shardings of the state, with nothing allocated (AOT compile, checkpoint restore)."""
+  shapes = jax.eval_shape(lambda: _state_fn(enc_cfg, config)(enc.init_params(enc_cfg, _rngs(config.seed)[0])))
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                      shapes, sharding.tree_shardings(shapes, mesh))
+
+
+def init_train_state(enc_cfg: EncoderConfig, config: ml_collections.ConfigDict, mesh: Mesh,
+                     params: Any = None) -> TrainState:
+  """The state created already sharded: fresh params from `config.seed`, or given (e.g. host) params."""
+  shardings = jax.tree.map(lambda s: s.sharding, abstract_train_state(enc_cfg, config, mesh))
+  make_state = _state_fn(enc_cfg, config)
+  if params is None:
+    init = lambda: make_state(enc.init_params(enc_cfg, _rngs(config.seed)[0]))
+    return jax.jit(init, out_shardings=shardings)()
+  params = jax.device_put(params, shardings.params)
+  return jax.jit(make_state, out_shardings=shardings)(params)
+
+
+# ------------------------------------------------------------------------------------- embeddings, loss
+
+def encode(params: Any, ids_BxL: jax.Array, mask_BxL: jax.Array, cfg: EncoderConfig,
+           keys_B: jax.Array | None = None) -> jax.Array:
+  """`encoder.embed` with one dropout key per row (vmapped), or no dropout when `keys_B` is None."""
+  if keys_B is None:
+    return enc.embed(params, ids_BxL, mask_BxL, cfg)
+  one = lambda ids_L, mask_L, key: enc.embed(params, ids_L[None], mask_L[None], cfg, key)[0]
+  return jax.vmap(one)(ids_BxL, mask_BxL, keys_B)
+
+
+def _example_keys(rng: jax.Array | None, b: int, g: int) -> dict[str, jax.Array]:
+  """Per-row dropout keys from the step key and each row's global index (see the module docstring)."""
+  if rng is None:
+    return {}
+  q_rng, p_rng = jax.random.split(rng)
+  fold = jax.vmap(jax.random.fold_in, in_axes=(None, 0))
+  return {"query_keys": fold(q_rng, jnp.arange(b)),
+          "passage_keys": fold(p_rng, jnp.arange(b * g)).reshape(b, g)}
+
+
+def _embed_rows(params: Any, rows: Batch, cfg: EncoderConfig, mesh: Mesh) -> tuple[jax.Array, jax.Array]:
+  """(q_BxD, p_BxGxD) of some rows: the batch's token arrays plus optional per-row dropout keys."""
+  b, g, lp = rows["passage_ids"].shape
+  params = jax.lax.with_sharding_constraint(params, sharding.compute_shardings(params, mesh))
+  p_keys = rows.get("passage_keys")
+  q_BxD = encode(params, rows["query_ids"], rows["query_mask"], cfg, rows.get("query_keys"))
+  p_NxD = encode(params, rows["passage_ids"].reshape(b * g, lp), rows["passage_mask"].reshape(b * g, lp), cfg,
+                 None if p_keys is None else p_keys.reshape(b * g))
+  return q_BxD, p_NxD.reshape(b, g, -1)
+
+
+def _global_loss(q_BxD, p_BxGxD, batch: Batch, loss_cfg: losses.LossConfig, mesh: Mesh):
+  """The loss on the global batch. The cross-device gather of negatives is the replicate constraint."""
+  q_BxD = jax.lax.with_sharding_constraint(q_BxD, sharding.batch_sharding(mesh))
+  p_BxGxD = jax.lax.with_sharding_constraint(p_BxGxD, sharding.replicated(mesh))  # all-gather passages
+  return losses.e5_loss(q_BxD, p_BxGxD, batch.get("passage_hash"), batch.get("teacher_scores"), cfg=loss_cfg)
+
+
+_TOKEN_KEYS = ("query_ids", "query_mask", "passage_ids", "passage_mask")
+
+
+def compute_grads(params: Any, batch: Batch, dropout_rng: jax.Array | None, *, enc_cfg: EncoderConfig,
+                   loss_cfg: losses.LossConfig, mesh: Mesh, chunk_size: int = 0
+                   ) -> tuple[dict[str, jax.Array], Any]:
+  """(loss metrics, grads) of the global batch; GradCache when chunk_size > 0. Traceable, not jitted."""
+  b, g, _ = batch["passage_ids"].shape
+  rows = {k: batch[k] for k in _TOKEN_KEYS} | _example_keys(dropout_rng, b, g)
+  if not chunk_size:
+    def loss_fn(p):
+      q_BxD, p_BxGxD = _embed_rows(p, rows, enc_cfg, mesh)
+      return _global_loss(q_BxD, p_BxGxD, batch, loss_cfg, mesh)
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return metrics, grads
+  return _gradcache(params, batch, rows, enc_cfg, loss_cfg, mesh, chunk_size)
+
+
+def _gradcache(params, batch, rows, enc_cfg, loss_cfg, mesh, chunk_size):
+  n = sharding.num_batch_shards(mesh)
+  num_chunks = batch["query_ids"].shape[0] // (n * chunk_size)
+  chunk_sharding = NamedSharding(mesh, P(None, sharding.BATCH_AXES))
+
+  def to_chunks(x_Bx):
+    """[B, ...] → [num_chunks, n·C, ...]: chunk c takes rows c·C..(c+1)·C of every shard (no data moves)."""
+    x = x_Bx.reshape((n, num_chunks, chunk_size) + x_Bx.shape[1:]).swapaxes(0, 1)
+    return jax.lax.with_sharding_constraint(x.reshape((num_chunks, n * chunk_size) + x_Bx.shape[1:]),
+                                            chunk_sharding)
+
+  def from_chunks(x_Cx):
+    x = x_Cx.reshape((num_chunks, n, chunk_size) + x_Cx.shape[2:]).swapaxes(0, 1)
+    return x.reshape((n * num_chunks * chunk_size,) + x_Cx.shape[2:])
+
+  chunks = jax.tree.map(to_chunks, rows)
+  embed_chunk = lambda p, chunk: _embed_rows(p, chunk, enc_cfg, mesh)
+  # Pass 1: embeddings only; nothing here is differentiated, so no activations outlive a chunk.
+  q_chunks, p_chunks = jax.lax.map(functools.partial(embed_chunk, params), chunks)
+  loss_fn = lambda q, p: _global_loss(q, p, batch, loss_cfg, mesh)
+  (_, metrics), (dq_BxD, dp_BxGxD) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
+      from_chunks(q_chunks), from_chunks(p_chunks))
+
+  # Pass 2: re-encode each chunk (same rows, same dropout keys → same embeddings) and pull the
+  # embedding gradients back to the params; the sum over chunks is the gradient of the global loss.
+  param_shardings = sharding.tree_shardings(params, mesh)
+
+  def accumulate(grads, chunk_and_cotangents):
+    chunk, dq, dp = chunk_and_cotangents
+    _, vjp = jax.vjp(lambda p: embed_chunk(p, chunk), params)
+    (g,) = vjp((dq, dp))
+    return jax.lax.with_sharding_constraint(jax.tree.map(jnp.add, grads, g), param_shardings), None
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  grads, _ = jax.lax.scan(accumulate, zeros, (chunks, to_chunks(dq_BxD), to_chunks(dp_BxGxD)))
+  return metrics, grads
+
+
+# ------------------------------------------------------------------------------------------- the step
+
+def make_train_step(enc_cfg: EncoderConfig, config: ml_collections.ConfigDict, mesh: Mesh
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+  """`train_step(state, batch) -> (state, metrics)`, jitted with the state's and batch's shardings, the
+  state donated. One compilation per batch shape (and per presence of `teacher_scores`)."""
+  check_config(config, mesh)
+  tx, schedule = make_optimizer(config), learning_rate_schedule(config)
+  loss_cfg, dropout_stream = loss_config(config), _rngs(config.seed)[1]
+  grads_fn = functools.partial(compute_grads, enc_cfg=enc_cfg, loss_cfg=loss_cfg, mesh=mesh,
+                               chunk_size=config.gradcache.chunk_size)
+
+  def train_step(state: TrainState, batch: Batch):
+    metrics, grads = grads_fn(state.params, batch, jax.random.fold_in(dropout_stream, state.step))
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    metrics = metrics | {"grad_norm": optax.global_norm(grads), "learning_rate": schedule(state.step)}
+    new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                           opt_state=opt_state)
+    return new_state, metrics
+
+  state_shardings = jax.tree.map(lambda s: s.sharding, abstract_train_state(enc_cfg, config, mesh))
+  return jax.jit(train_step, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                 out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)

@@ -1,0 +1,54 @@
+"""Test setup: 8 simulated CPU devices, a persistent compile cache, and the real artifacts.
+
+Real checkpoints and text come from `../shared/realdata/fetch.sh` (run by `.ci/run` into
+`.cache/realdata`); `ME5_REALDATA` points elsewhere. Tests that need them skip, naming what is missing.
+"""
+import os
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(REPO, ".cache", "jax"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 8)
+jax.config.update("jax_platforms", "cpu")
+
+REALDATA = os.environ.get("ME5_REALDATA", os.path.join(REPO, ".cache", "realdata"))
+
+
+def realdata_path(name: str) -> str:
+  path = os.path.join(REALDATA, name)
+  if not os.path.exists(path):
+    pytest.skip(f"{path} is missing: run `bash ../shared/realdata/fetch.sh {REALDATA}` "
+                "(needs ../shared, as in CI) or set ME5_REALDATA")
+  return path
+
+
+@pytest.fixture(scope="session")
+def minilm_dir():
+  return realdata_path("all-MiniLM-L6-v2")
+
+
+@pytest.fixture(scope="session")
+def me5_small_dir():
+  return realdata_path("me5-small-q4")
+
+
+@pytest.fixture(scope="session")
+def bible_tsv():
+  return realdata_path("bible_pd.tsv")
+
+
+@pytest.fixture(scope="session")
+def bible_db():
+  return realdata_path("bible.db")
+
+
+@pytest.fixture(scope="session")
+def xlmr_spm():
+  return realdata_path("xlmr-spm.model")
