@@ -2,6 +2,8 @@
 
 Texts are sorted by token count so each batch pads little, and every batch is padded to a
 (batch_size, bucket length) shape from a short list, so a whole corpus compiles a handful of programs.
+Buckets step by about 1.5x: on 2000 Bible verses (MiniLM, max length 128) that pads 16 % more tokens
+than per-batch padding, against 36 % for powers of two, at the price of a few more compiles.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from me5_jax import hf_io
 from me5_jax.tokenize import PAD_MULTIPLE, Tokenizer, round_up, with_prefix
 from me5_jax.variants import EncoderConfig
 
-_BUCKETS = (16, 32, 64, 128, 192, 256, 384, 512)
+_BUCKETS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 
 
 def bucket_length(n: int, max_length: int) -> int:
@@ -55,16 +57,26 @@ class Embedder:
     out_NxD = np.zeros((len(rows), self.cfg.hidden_size), np.float32)
     order = np.argsort([-len(r) for r in rows], kind="stable")
     start, last_report = time.time(), 0.0
+
+    def fetch(idx, emb_BxD):
+      out_NxD[idx] = np.asarray(emb_BxD)[:len(idx)]
+
+    pending = None  # the batch in flight: dispatching the next one before fetching it hides the copy
     for b in range(0, len(order), batch_size):
       idx = order[b:b + batch_size]
       batch_rows = [rows[i] for i in idx]
       batch_rows += [[self.tokenizer.pad_id]] * (batch_size - len(idx))  # fixed batch shape
       length = bucket_length(max(len(r) for r in batch_rows), max_length)
       ids_BxL, mask_BxL = self.tokenizer.pad(batch_rows, length)
-      out_NxD[idx] = np.asarray(_embed_jit(self.params, ids_BxL, mask_BxL, self.cfg))[:len(idx)]
+      emb_BxD = _embed_jit(self.params, ids_BxL, mask_BxL, self.cfg)
+      if pending is not None:
+        fetch(*pending)
+      pending = (idx, emb_BxD)
       if progress and time.time() - last_report > 5:
         last_report = time.time()
         done = min(b + batch_size, len(order))
         print(f"embedded {done}/{len(order)} texts ({done / (last_report - start):.0f}/s)",
               file=sys.stderr, flush=True)
+    if pending is not None:
+      fetch(*pending)
     return out_NxD

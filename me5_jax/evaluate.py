@@ -1,7 +1,8 @@
 """Evaluate an embedding model: BEIR retrieval, bitext mining P@1, STS correlation.
 
   python -m me5_jax.evaluate --model DIR --task {retrieval,bitext,sts} --data PATH \
-      [--query-prefix STR] [--passage-prefix STR] [--pivot COLUMN] [--output metrics.json]
+      [--query-prefix STR] [--passage-prefix STR] [--instruction STR | --instruction-task NAME] \
+      [--pivot COLUMN] [--output metrics.json]
 
 Prints the metrics as one JSON object, the last line on stdout; progress and data reports go to stderr.
 The trainer calls `evaluate_retrieval` / `evaluate_bitext` / `evaluate_sts` on an `Embedder` in-process;
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 
-from me5_jax import metrics
+from me5_jax import instructions, metrics
 from me5_jax.tokenize import PASSAGE_PREFIX, QUERY_PREFIX
 
 if TYPE_CHECKING:
@@ -156,10 +157,17 @@ def load_retrieval(data_dir: str) -> RetrievalData:
   """Reads a BEIR folder; keeps the queries that have a relevant (grade > 0) doc in the qrels."""
   for name in ("corpus.jsonl", "queries.jsonl"):
     _require_file(os.path.join(data_dir, name))
-  qrels_path = _qrels_path(data_dir)
+  return load_retrieval_files(os.path.join(data_dir, "corpus.jsonl"), os.path.join(data_dir, "queries.jsonl"),
+                              _qrels_path(data_dir))
+
+
+def load_retrieval_files(corpus_path: str, queries_path: str, qrels_path: str) -> RetrievalData:
+  """`load_retrieval` on files named one by one (mining takes them from separate flags)."""
+  for path in (corpus_path, queries_path, qrels_path):
+    _require_file(path)
   bad = BadRows()
-  corpus = _jsonl(os.path.join(data_dir, "corpus.jsonl"), bad, ("title", "text"))
-  queries = _jsonl(os.path.join(data_dir, "queries.jsonl"), bad, ("text",))
+  corpus = _jsonl(corpus_path, bad, ("title", "text"))
+  queries = _jsonl(queries_path, bad, ("text",))
   header, rows = _tsv(qrels_path, bad)
   if [h.strip() for h in header] != ["query-id", "corpus-id", "score"]:
     raise DataError(f"{qrels_path}:1: expected header 'query-id<TAB>corpus-id<TAB>score', got {header}")
@@ -176,7 +184,7 @@ def load_retrieval(data_dir: str) -> RetrievalData:
       qrels.setdefault(qid, {})[did] = score
   bad.report()
   if not corpus:
-    raise DataError(f"{data_dir}/corpus.jsonl: no usable documents")
+    raise DataError(f"{corpus_path}: no usable documents")
   qids = sorted(q for q, rels in qrels.items() if any(g > 0 for g in rels.values()))
   if not qids:
     raise DataError(f"{qrels_path}: no query with a relevant (score > 0) document")
@@ -325,6 +333,9 @@ def evaluate_sts(embedder: "Embedder", data: str | StsData, prefix: str | None =
 # CLI
 # ---------------------------------------------------------------------------------------------------
 
+_TASK_TYPES = {"retrieval": "Retrieval", "bitext": "BitextMining", "sts": "STS"}  # MTEB names
+
+
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   ap = argparse.ArgumentParser(prog="python -m me5_jax.evaluate", description=__doc__.split("\n")[0])
   ap.add_argument("--model", required=True, help="HF model folder (config.json, weights, tokenizer)")
@@ -338,7 +349,24 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   ap.add_argument("--output", default=None, help="also write the metrics JSON here")
   ap.add_argument("--batch-size", type=int, default=64)
   ap.add_argument("--max-length", type=int, default=None, help="tokens per text (default: the model's)")
-  return ap.parse_args(argv)
+  instruct = ap.add_mutually_exclusive_group()
+  instruct.add_argument("--instruction", default=None, help="instruct models: queries (every text for "
+                        "bitext/sts) become 'Instruct: STR\\nQuery: {text}', passages get no prefix")
+  instruct.add_argument("--instruction-task", default=None, metavar="NAME",
+                        help="--instruction from me5_jax.instructions' table for MTEB task NAME (NQ, SciFact, ...)")
+  args = ap.parse_args(argv)
+  if args.instruction is not None or args.instruction_task is not None:
+    if args.query_prefix is not None or args.passage_prefix is not None:
+      ap.error("--instruction/--instruction-task set the prefixes: drop --query-prefix/--passage-prefix")
+    task_type, instruction = _TASK_TYPES[args.task], args.instruction
+    if instruction is None:
+      try:
+        instruction = instructions.instruction_for(args.instruction_task, task_type, strict=True)
+      except ValueError as e:
+        ap.error(str(e))
+    args.query_prefix, args.passage_prefix = instructions.prefixes(task_type, args.instruction_task or "",
+                                                                   instruction)
+  return args
 
 
 def _prefix(value: str | None, default: str) -> str:

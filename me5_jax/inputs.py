@@ -28,13 +28,13 @@ def model_source(config) -> tuple[str, EncoderConfig, Any]:
 
 
 def _open_sources(config) -> dict[str, Any]:
-  from data_pipelines import builders
   from data_pipelines.source import dataset_path, open_source
   data_dir = os.path.expanduser(config.data_dir)
   names = list(config_lib.parse_train_data(config.train_data))
   for name in names:
     if name in AUTO_BUILT and not os.path.exists(os.path.join(dataset_path(data_dir, name), "dataset_info.json")):
       # Process 0 builds; the others wait, then build only if their data_dir is not shared with it.
+      from data_pipelines import builders  # imports TFDS's writer side: only when a build is due
       if jax.process_index() == 0:
         log.info("building the %s dataset into %s (once)", name, data_dir)
         builders.build(name, data_dir)

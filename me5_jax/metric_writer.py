@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import re
+import sys
 import time
 from typing import Any, Mapping
 
@@ -34,14 +35,21 @@ def flops_per_sequence(cfg: EncoderConfig, seq_len: int) -> float:
 
 
 class MetricWriter:
-  def __init__(self, workdir: str, enabled: bool = True):
+  def __init__(self, workdir: str, enabled: bool = True, start_step: int = 0):
+    """`start_step`: the step the run starts (or resumes) from. Records of later steps, written by a run
+    that was killed after that step's checkpoint, are dropped, so every step appears once."""
     self.enabled = enabled
     self.t0, self.step0 = time.time(), None
     if not enabled:
       return
-    self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
-    from tensorboardX import SummaryWriter
-    self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    path = os.path.join(workdir, "metrics.jsonl")
+    kept = []
+    if start_step and os.path.exists(path):
+      with open(path, encoding="utf-8") as f:
+        kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= start_step]
+    self.jsonl = open(path, "w", encoding="utf-8")
+    self.jsonl.writelines(kept)
+    self.tb = _summary_writer(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1 if start_step else None)
 
   def write(self, step: int, metrics: Mapping[str, Any], prefix: str = "") -> None:
     if not self.enabled:
@@ -70,6 +78,20 @@ class MetricWriter:
     if self.enabled:
       self.jsonl.close()
       self.tb.close()
+
+
+def _summary_writer(logdir: str, purge_step: int | None):
+  """tensorboardX's SummaryWriter. tensorboardX imports torch when it is installed (seconds of startup),
+  only to accept torch tensors, which we never pass: torch is hidden while it imports, unless loaded."""
+  hide = "torch" not in sys.modules
+  if hide:
+    sys.modules["torch"] = None  # makes `import torch` raise ImportError
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    if hide:
+      del sys.modules["torch"]
+  return SummaryWriter(logdir, purge_step=purge_step)
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -85,7 +85,7 @@ def path_str(path) -> str:
 def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
   """Drops mesh axes from dims they do not divide (replicating along them instead)."""
   out = []
-  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+  for dim, axes in zip(shape, spec):  # dims past the spec's length stay unsharded
     names = (axes,) if isinstance(axes, str) else tuple(axes or ())
     names = tuple(a for a in names if mesh.shape[a] > 1)
     out.append(names if names and dim % math.prod(mesh.shape[a] for a in names) == 0 else None)

@@ -5,13 +5,18 @@ One linear loop: distributed → config → mesh → model source → input → 
 GPU box and on CPU with simulated devices (`ME5_CPU_DEVICES=8`).
 
 Resume order: the newest restorable checkpoint in WORKDIR/checkpoints, else `init_checkpoint` (an HF
-folder), else a fresh init of `model_variant`. SIGTERM (preemption) saves a checkpoint and exits 0. A
-NaN/Inf loss stops the run naming the step before anything from that step is saved.
+folder), else a fresh init of `model_variant`. SIGTERM (preemption) saves a checkpoint of the current
+step and exits 0. A non-finite loss or gradient norm (or parameters, checked before each save) stops the
+run with exit status 1 naming the step; nothing of that step is saved.
+
+WORKDIR gets config.json (the resolved config), model/ (encoder config + tokenizer files, for
+`me5_jax.export`), checkpoints/, metrics.jsonl, tensorboard/ and, at the end, export/.
 """
 from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -30,6 +35,20 @@ flags.DEFINE_integer("process_id", int(os.environ.get("ME5_PROCESS_ID", "0")),
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 log = logging.getLogger("me5_jax.train")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's parser; an override of a key the config lacks becomes one line naming it (ml_collections
+  raises a bare KeyError/AttributeError from inside the parser)."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:
+    key = re.findall(r"\w+", str(e))[0]
+    arg = next((a.split("=")[0] for a in argv if a.startswith("--config.") and key in a.split("=")[0].split(".")),
+               "--config")
+    hint = re.search(r'Did you mean "([^"]+)"', str(e))
+    sys.exit(f"FATAL Flags parsing error: {arg}: the config has no key {key!r}"
+             + (f"; did you mean {hint[1]!r}?" if hint else ""))
 
 
 # ================================================================================== Distributed
@@ -53,32 +72,34 @@ def main(argv) -> None:
   import numpy as np
   from jax.experimental import multihost_utils
 
-  from me5_jax import checkpoint, config as config_lib, evals, hf_io, inputs, sharding, train_step
+  from me5_jax import checkpoint, config as config_lib, evals, export, inputs, sharding, train_step
   from me5_jax.metric_writer import MetricWriter, flops_per_sequence, peak_flops
   from me5_jax.tokenize import Tokenizer
 
-  logging.basicConfig(level=logging.INFO if jax.process_index() == 0 else logging.WARNING,
+  # absl's handler already sits on the root logger (so basicConfig alone would do nothing): replace it.
+  logging.basicConfig(level=logging.INFO if jax.process_index() == 0 else logging.WARNING, force=True,
                       format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
   logging.getLogger("absl").setLevel(logging.WARNING)
   is_main = jax.process_index() == 0
 
-  # ================================================================================ Config
+  # ================================================================================ Config & mesh
   config, workdir = FLAGS.config, os.path.abspath(FLAGS.workdir)
-  config_lib.validate(config)
+  try:  # bad input: one line naming the key or file, before any data is read or anything compiles
+    config_lib.validate(config)
+    mesh = sharding.make_mesh(config)
+    train_step.check_config(config, mesh)  # batch vs mesh, GradCache chunking
+    model_dir, enc_cfg, host_params = inputs.model_source(config)
+  except (ValueError, KeyError, FileNotFoundError) as e:
+    sys.exit(f"me5_jax.train: {e.args[0] if isinstance(e, KeyError) else e}")
+  enc_cfg = train_step.encoder_config(enc_cfg, config)
+  tokenizer_dir = config.tokenizer or model_dir
+  tokenizer = Tokenizer.from_dir(tokenizer_dir)
   os.makedirs(workdir, exist_ok=True)
   if is_main:
     config_lib.save(config, os.path.join(workdir, "config.json"))
-
-  # ================================================================================ Mesh
-  mesh = sharding.make_mesh(config)
+    checkpoint.save_model_info(workdir, enc_cfg, tokenizer_dir)
   log.info("mesh %s over %d devices in %d processes (%s)", dict(mesh.shape), jax.device_count(),
            jax.process_count(), jax.devices()[0].device_kind)
-
-  # ================================================================================ Model source
-  model_dir, enc_cfg, host_params = inputs.model_source(config)
-  enc_cfg = train_step.encoder_config(enc_cfg, config)
-  train_step.check_config(config, mesh)  # batch vs mesh, GradCache chunking: before any data or compile
-  tokenizer = Tokenizer.from_dir(config.tokenizer or model_dir)
 
   # ================================================================================ Input
   pipeline = inputs.input_pipeline(config, tokenizer)
@@ -97,12 +118,14 @@ def main(argv) -> None:
     log.info("initialised from %s", model_dir or f"scratch ({config.model_variant})")
   del host_params
   step_fn = train_step.make_train_step(enc_cfg, config, mesh)
+  all_finite = jax.jit(lambda tree: jax.tree.reduce(lambda a, x: a & jax.numpy.isfinite(x).all(), tree, True))
 
   # ================================================================================ Evals & logging
-  writer = MetricWriter(workdir, enabled=is_main)
+  writer = MetricWriter(workdir, enabled=is_main, start_step=start_step)
   evaluator = evals.Evaluator(config, tokenizer, enc_cfg, workdir)
   seqs_per_step = config.batch_size * (2 + config.num_hard_negatives)
-  flops_per_step = seqs_per_step * flops_per_sequence(enc_cfg, (config.query_max_length + config.passage_max_length) // 2)
+  mean_length = (config.query_max_length + config.passage_max_length) // 2
+  flops_per_step = seqs_per_step * flops_per_sequence(enc_cfg, mean_length)
   peak = config.peak_flops_per_device or peak_flops(jax.devices()[0])
 
   def run_evals(step: int, tag: str) -> None:
@@ -110,6 +133,12 @@ def main(argv) -> None:
     if results:
       writer.write(step, results, prefix="eval/")
       log.info("eval %s step %d: %s", tag, step, evaluator.summary(results))
+
+  def stop_non_finite(step: int, what: str) -> None:
+    ckpt.close()  # lets earlier (good) saves finish; nothing of this step is saved
+    writer.close()
+    sys.exit(f"me5_jax.train: {what} at step {step}: stopping. The last good checkpoint is step "
+             f"{max(ckpt.steps(), default=0)} in {ckpt.directory}; lower learning_rate or check the data")
 
   if start_step == 0:
     run_evals(0, "before training")
@@ -127,10 +156,8 @@ def main(argv) -> None:
     if step < config.total_steps:
       batch = next(pipeline)  # host work overlaps the device's step
     metrics = jax.device_get(metrics)
-    if not np.isfinite(metrics["loss"]):
-      ckpt.close()
-      raise FloatingPointError(f"loss is {metrics['loss']} at step {step}: stopping; the last good "
-                               f"checkpoint is step {max(ckpt.steps(), default=0)} in {ckpt.directory}")
+    if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
+      stop_non_finite(step, f"loss {metrics['loss']}, gradient norm {metrics['grad_norm']}")
     if step % config.log_every_steps == 0 or step == config.total_steps:
       dt = (time.time() - t_last) / (step - step_last)
       t_last, step_last = time.time(), step
@@ -139,19 +166,20 @@ def main(argv) -> None:
       writer.write(step, {**{k: float(v) for k, v in metrics.items()}, "lr": float(metrics["learning_rate"]),
                           **rates, "bad_records": pipeline.bad_records})
       writer.console(step, config.total_steps, metrics, rates)
-    if step % config.checkpoint_every_steps == 0 or step == config.total_steps:
-      ckpt.save(step, state, data_state)
-    if config.eval_every_steps and step % config.eval_every_steps == 0 and step < config.total_steps:
-      run_evals(step, "during training")
     preempted = stop["signal"] is not None
     if jax.process_count() > 1:  # every process must stop at the same step
       preempted = bool(multihost_utils.process_allgather(np.array(preempted)).any())
-    if preempted and step < config.total_steps:
-      log.warning("SIGTERM at step %d: saving a checkpoint and exiting", step)
+    if step % config.checkpoint_every_steps == 0 or step == config.total_steps or preempted:
+      if not all_finite(state.params):  # finite loss and gradients, but an update overflowed
+        stop_non_finite(step, "non-finite parameters")
       ckpt.save(step, state, data_state)
+    if preempted and step < config.total_steps:
+      log.warning("SIGTERM at step %d: saved a checkpoint, exiting", step)
       ckpt.close()
       writer.close()
       return
+    if config.eval_every_steps and step % config.eval_every_steps == 0 and step < config.total_steps:
+      run_evals(step, "during training")
   ckpt.close()
   run_evals(step, "after training")
 
@@ -159,12 +187,10 @@ def main(argv) -> None:
   if config.export_at_end:
     params = multihost_utils.process_allgather(state.params, tiled=True)
     if is_main:
-      out = hf_io.save_pretrained(params, enc_cfg, os.path.join(workdir, "export"),
-                                  tokenizer_dir=config.tokenizer or model_dir,
-                                  max_seq_length=config.passage_max_length)
+      out = export.save(params, enc_cfg, config, tokenizer_dir, os.path.join(workdir, "export"))
       log.info("exported HF + sentence-transformers model to %s", out)
   writer.close()
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
