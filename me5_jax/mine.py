@@ -191,6 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   from me5_jax import hf_io
   try:
     cfg = MiningConfig(args.top_k, args.skip_top, args.max_score_ratio, args.num_negatives)
+    if args.batch_size < 1 or (args.max_length is not None and args.max_length < 1):
+      raise ValueError("--batch-size and --max-length must be >= 1")
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir) or os.path.isdir(args.out):
       raise DataError(f"{args.out}: cannot write there (no such folder, or a folder)")

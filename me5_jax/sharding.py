@@ -10,6 +10,8 @@ Every parameter's sharding comes from `PARAM_RULES`, one short table of (regex o
 path, PartitionSpec). The same table shards the optimizer state (Adam's moments have the params' paths
 under `opt_state/.../mu/`), so params and moments always agree. A dimension that the named mesh axes do
 not divide (mE5's 250037-row vocabulary over tensor=2) is replicated along that axis instead of failing.
+`compute_shardings` is the same table with `fsdp` removed: what the step constrains the params to right
+before the encoder uses them, i.e. the FSDP all-gather, written out.
 """
 from __future__ import annotations
 
@@ -112,12 +114,12 @@ def tree_shardings(tree: Any, mesh: Mesh) -> Any:
 
 def compute_shardings(tree: Any, mesh: Mesh) -> Any:
   """The params as the encoder consumes them: `fsdp` gathered away, `tensor` kept (explicit FSDP)."""
-  def gathered(path, x):
-    spec = spec_for(path_str(path), np.shape(x), mesh)
-    drop = lambda axes: None if axes is None else (tuple(a for a in ((axes,) if isinstance(axes, str) else axes)
-                                                         if a != "fsdp") or None)
-    return NamedSharding(mesh, P(*[drop(a) for a in spec]))
-  return jax.tree_util.tree_map_with_path(gathered, tree)
+  def without_fsdp(axes):
+    names = tuple(a for a in ((axes,) if isinstance(axes, str) else axes or ()) if a != "fsdp")
+    return names[0] if len(names) == 1 else (names or None)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: NamedSharding(mesh, P(*map(without_fsdp, spec_for(path_str(path), np.shape(x), mesh)))),
+      tree)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -14,6 +14,7 @@ WORKDIR gets config.json (the resolved config), model/ (encoder config + tokeniz
 """
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import re
@@ -61,8 +62,15 @@ def init_distributed() -> None:
   if FLAGS.coordinator:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
-  elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("CLOUD_TPU_TASK_ID"):
-    jax.distributed.initialize()  # a TPU pod slice describes itself
+  elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("CLOUD_TPU_TASK_ID") or _on_tpu_vm():
+    jax.distributed.initialize()  # a TPU VM or pod slice describes itself (metadata server or env)
+
+
+def _on_tpu_vm() -> bool:
+  """TPU chips attached, as JAX's own cluster detection sees them: /dev/accel* (TPU v2-v4) or /dev/vfio/N
+  (v5e and later), with libtpu installed. A GCE TPU VM sets no environment variable to say so."""
+  import importlib.util
+  return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")) and bool(importlib.util.find_spec("libtpu"))
 
 
 def main(argv) -> None:
@@ -84,25 +92,27 @@ def main(argv) -> None:
 
   # ================================================================================ Config & mesh
   config, workdir = FLAGS.config, os.path.abspath(FLAGS.workdir)
-  try:  # bad input: one line naming the key or file, before any data is read or anything compiles
+  try:  # bad input: one line naming the key or file, before anything is written or compiled
+    if "://" in FLAGS.workdir:  # os.path would quietly make a local folder named "gs:" on every host
+      raise ValueError(f"--workdir {FLAGS.workdir}: URLs are not supported; every process needs the same "
+                       "directory, e.g. a bucket mounted with gcsfuse or an NFS share")
     config_lib.validate(config)
     mesh = sharding.make_mesh(config)
     train_step.check_config(config, mesh)  # batch vs mesh, GradCache chunking
     model_dir, enc_cfg, host_params = inputs.model_source(config)
+    tokenizer_dir = config.tokenizer or model_dir
+    tokenizer = Tokenizer.from_dir(tokenizer_dir)
+    # ============================================================================== Input
+    pipeline = inputs.input_pipeline(config, tokenizer)
   except (ValueError, KeyError, FileNotFoundError) as e:
     sys.exit(f"me5_jax.train: {e.args[0] if isinstance(e, KeyError) else e}")
   enc_cfg = train_step.encoder_config(enc_cfg, config)
-  tokenizer_dir = config.tokenizer or model_dir
-  tokenizer = Tokenizer.from_dir(tokenizer_dir)
+  log.info("mesh %s over %d devices in %d processes (%s)", dict(mesh.shape), jax.device_count(),
+           jax.process_count(), jax.devices()[0].device_kind)
   os.makedirs(workdir, exist_ok=True)
   if is_main:
     config_lib.save(config, os.path.join(workdir, "config.json"))
     checkpoint.save_model_info(workdir, enc_cfg, tokenizer_dir)
-  log.info("mesh %s over %d devices in %d processes (%s)", dict(mesh.shape), jax.device_count(),
-           jax.process_count(), jax.devices()[0].device_kind)
-
-  # ================================================================================ Input
-  pipeline = inputs.input_pipeline(config, tokenizer)
 
   # ================================================================================ State
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
@@ -137,7 +147,7 @@ def main(argv) -> None:
   def stop_non_finite(step: int, what: str) -> None:
     ckpt.close()  # lets earlier (good) saves finish; nothing of this step is saved
     writer.close()
-    sys.exit(f"me5_jax.train: {what} at step {step}: stopping. The last good checkpoint is step "
+    sys.exit(f"me5_jax.train: {what} at step {step}: stopping. The newest checkpoint is step "
              f"{max(ckpt.steps(), default=0)} in {ckpt.directory}; lower learning_rate or check the data")
 
   if start_step == 0:

@@ -2,12 +2,13 @@
 two variants, plain and GradCache, both exact w.r.t. a single-device computation on the global batch.
 
 Cross-device negatives: the step is one jitted program over global arrays (GSPMD). Embeddings come out
-of the encoder row-sharded over data × fsdp; `_global_loss` then constrains the passages to be
+of the encoder row-sharded over data × fsdp; `global_loss` then constrains the passages to be
 replicated, which is an explicit all-gather (every device holds all B·G passages, each device scores its
 own query rows against all of them), and the loss sees the global batch, as `losses.e5_loss` requires.
 Its gradient is the transpose of that all-gather (a reduce-scatter XLA inserts), so the gradient scale
 and column order are those of the single-device loss by construction; `tests/test_train_step.py`
-checks this against `jax.grad` on one device.
+checks this against `jax.grad` on one device. Params are stored split per `sharding.PARAM_RULES` and
+gathered over `fsdp` right before each encoder call (`sharding.compute_shardings`).
 
 Dropout: each example row gets its own key, `fold_in(stream key of step, global row index)`, and the
 encoder is vmapped over rows. A row's dropout mask is then a function of (seed, step, row) only, not of
@@ -170,6 +171,9 @@ def _example_keys(rng: jax.Array | None, b: int, g: int) -> dict[str, jax.Array]
 def _embed_rows(params: Any, rows: Batch, cfg: EncoderConfig, mesh: Mesh) -> tuple[jax.Array, jax.Array]:
   """(q_BxD, p_BxGxD) of some rows: the batch's token arrays plus optional per-row dropout keys."""
   b, g, lp = rows["passage_ids"].shape
+  # Explicit FSDP: gather the fsdp-split weights before use (the transpose reduce-scatters their grads).
+  # Left to itself, GSPMD resharded activations instead, with collective-permutes that inside GradCache's
+  # loops were slow and hung XLA:CPU's in-process collectives.
   params = jax.lax.with_sharding_constraint(params, sharding.compute_shardings(params, mesh))
   p_keys = rows.get("passage_keys")
   q_BxD = encode(params, rows["query_ids"], rows["query_mask"], cfg, rows.get("query_keys"))
@@ -178,7 +182,7 @@ def _embed_rows(params: Any, rows: Batch, cfg: EncoderConfig, mesh: Mesh) -> tup
   return q_BxD, p_NxD.reshape(b, g, -1)
 
 
-def _global_loss(q_BxD, p_BxGxD, batch: Batch, loss_cfg: losses.LossConfig, mesh: Mesh):
+def global_loss(q_BxD, p_BxGxD, batch: Batch, loss_cfg: losses.LossConfig, mesh: Mesh):
   """The loss on the global batch. The cross-device gather of negatives is the replicate constraint."""
   q_BxD = jax.lax.with_sharding_constraint(q_BxD, sharding.batch_sharding(mesh))
   p_BxGxD = jax.lax.with_sharding_constraint(p_BxGxD, sharding.replicated(mesh))  # all-gather passages
@@ -189,15 +193,15 @@ _TOKEN_KEYS = ("query_ids", "query_mask", "passage_ids", "passage_mask")
 
 
 def compute_grads(params: Any, batch: Batch, dropout_rng: jax.Array | None, *, enc_cfg: EncoderConfig,
-                   loss_cfg: losses.LossConfig, mesh: Mesh, chunk_size: int = 0
-                   ) -> tuple[dict[str, jax.Array], Any]:
+                  loss_cfg: losses.LossConfig, mesh: Mesh, chunk_size: int = 0
+                  ) -> tuple[dict[str, jax.Array], Any]:
   """(loss metrics, grads) of the global batch; GradCache when chunk_size > 0. Traceable, not jitted."""
   b, g, _ = batch["passage_ids"].shape
   rows = {k: batch[k] for k in _TOKEN_KEYS} | _example_keys(dropout_rng, b, g)
   if not chunk_size:
     def loss_fn(p):
       q_BxD, p_BxGxD = _embed_rows(p, rows, enc_cfg, mesh)
-      return _global_loss(q_BxD, p_BxGxD, batch, loss_cfg, mesh)
+      return global_loss(q_BxD, p_BxGxD, batch, loss_cfg, mesh)
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     return metrics, grads
   return _gradcache(params, batch, rows, enc_cfg, loss_cfg, mesh, chunk_size)
@@ -222,7 +226,7 @@ def _gradcache(params, batch, rows, enc_cfg, loss_cfg, mesh, chunk_size):
   embed_chunk = lambda p, chunk: _embed_rows(p, chunk, enc_cfg, mesh)
   # Pass 1: embeddings only; nothing here is differentiated, so no activations outlive a chunk.
   q_chunks, p_chunks = jax.lax.map(functools.partial(embed_chunk, params), chunks)
-  loss_fn = lambda q, p: _global_loss(q, p, batch, loss_cfg, mesh)
+  loss_fn = lambda q, p: global_loss(q, p, batch, loss_cfg, mesh)
   (_, metrics), (dq_BxD, dp_BxGxD) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
       from_chunks(q_chunks), from_chunks(p_chunks))
 

@@ -13,7 +13,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from me5_jax import encoder as enc
-from me5_jax import losses, sharding
+from me5_jax import aot, losses, sharding
 from me5_jax import train_step as ts
 from me5_jax.variants import get_variant
 
@@ -215,3 +215,17 @@ def test_every_param_has_a_sharding_rule(variant):
   # mE5-small's 250037-row vocabulary is not divisible by tensor=2: only its hidden dim is split.
   vocab_spec = specs["embeddings/word_embeddings/embedding"]
   assert vocab_spec == (P(None, "fsdp") if variant == "small" else P("tensor", "fsdp"))
+
+
+def test_aot_compile_counts_the_sharded_state(enc_cfg):
+  """The AOT memory analysis, without allocating: its argument bytes are the per-device shards of the
+  state and batch (the same step and shapes as the train-step test above, so the compile cache hits)."""
+  config = step_config((4, 2, 1), chunk_size=1, learning_rate=1e-3, warmup_steps=1, total_steps=10)
+  compiled = aot.compile_train_step(enc_cfg, config, query_len=L, passage_len=L, group_size=G, teacher=True)
+  report = aot.MemoryReport.of(compiled)
+  mesh = sharding.make_mesh(config)
+  shards = jax.tree.leaves(ts.abstract_train_state(enc_cfg, config, mesh)) + jax.tree.leaves(
+      aot.abstract_batch(B, L, L, G, True, mesh))
+  expected = sum(np.prod(s.sharding.shard_shape(s.shape)) * s.dtype.itemsize for s in shards)
+  assert report.argument == expected
+  assert report.alias > 0 and report.temp > 0 and report.peak > report.argument

@@ -1,0 +1,79 @@
+"""Every shipped config builds, validates, and its train step compiles on 8 CPU devices at a tiny size.
+
+The tiny override keeps what shapes the program (stage, mesh, dtype, remat, GradCache on/off, hard
+negatives, teacher scores) and shrinks only the sizes: the config's architecture as the tiny variant with
+one layer (layers are unrolled, so each one adds compile time), batch 16, lengths 32, at most one hard
+negative, GradCache chunks that divide the per-shard batch. The step is compiled ahead of time from
+abstract inputs (no data, no parameters allocated).
+"""
+import importlib.util
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from me5_jax import config as config_lib
+from me5_jax import sharding, train_step
+from me5_jax.variants import get_variant
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# (config file, get_config argument, tiny variant with the config's architecture)
+SHIPPED = [
+    ("small.py", "pretrain", "tiny-bert"), ("small.py", "finetune", "tiny-bert"),
+    ("base.py", "pretrain", "tiny-xlmr"), ("base.py", "finetune", "tiny-xlmr"),
+    ("large.py", "pretrain", "tiny-xlmr"), ("large.py", "finetune", "tiny-xlmr"),
+    ("large_instruct.py", "finetune", "tiny-xlmr"),
+    ("demo.py", "", "tiny-bert"), ("demo.py", "finetune", "tiny-bert"),
+]
+B, L = 16, 32
+
+
+def load_config(name: str, arg: str):
+  spec = importlib.util.spec_from_file_location(name[:-3], os.path.join(REPO, "configs", name))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def tiny(config, variant: str, tokenizer_dir: str):
+  c = config.copy_and_resolve_references()
+  c.init_checkpoint, c.model_variant, c.tokenizer = "", variant, tokenizer_dir
+  c.batch_size, c.query_max_length, c.passage_max_length = B, L, L
+  c.num_hard_negatives = min(c.num_hard_negatives, 1)
+  if c.gradcache.chunk_size:
+    c.gradcache.chunk_size = 1  # 2 queries per batch shard on the 8-device meshes here: two chunks
+  return c
+
+
+def abstract_batch(config, mesh):
+  g = 1 + config.num_hard_negatives
+  shapes = {"query_ids": (B, L), "query_mask": (B, L), "passage_ids": (B, g, L), "passage_mask": (B, g, L),
+            "passage_hash": (B, g, 2)}
+  batch = {k: jax.ShapeDtypeStruct(s, np.int32, sharding=sharding.batch_sharding(mesh)) for k, s in shapes.items()}
+  if config.stage == "finetune" and config.use_teacher:
+    batch["teacher_scores"] = jax.ShapeDtypeStruct((B, g), np.float32, sharding=sharding.batch_sharding(mesh))
+  return batch
+
+
+@pytest.mark.parametrize("name, arg, variant", SHIPPED, ids=[f"{n[:-3]}:{a or 'default'}" for n, a, _ in SHIPPED])
+def test_shipped_config_validates_and_its_step_compiles_at_tiny_size(name, arg, variant, minilm_dir):
+  shipped = load_config(name, arg)
+  config_lib.validate(shipped)
+  assert shipped.stage == (arg or "pretrain")
+
+  config = tiny(shipped, variant, minilm_dir)
+  config_lib.validate(config)
+  mesh = sharding.make_mesh(config)
+  train_step.check_config(config, mesh)
+  enc_cfg = train_step.encoder_config(get_variant(variant, num_layers=1), config)
+  state = train_step.abstract_train_state(enc_cfg, config, mesh)
+  compiled = train_step.make_train_step(enc_cfg, config, mesh).lower(state, abstract_batch(config, mesh)).compile()
+  out_state, metrics = compiled.output_shardings
+  assert jax.tree.structure(out_state) == jax.tree.structure(state)
+  assert {"loss", "grad_norm", "learning_rate"} <= set(metrics)
+
+
+def test_unknown_stage_is_an_error_naming_the_choices():
+  with pytest.raises(ValueError, match="pretrain"):
+    load_config("large.py", "pretrian")
