@@ -8,7 +8,6 @@ program compiles. The resolved config is written to `WORKDIR/config.json` by the
 from __future__ import annotations
 
 import json
-import os
 
 import ml_collections
 
@@ -28,7 +27,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Data: "name[=weight],..." of datasets built by data_pipelines.build under data_dir. "bible" and
   # "bible/demo" are built from the fetched Bible on first use.
   c.train_data = "bible/demo"
-  c.data_dir = os.path.join("~", ".cache", "me5_jax", "tfds")
+  c.data_dir = ""                      # "" = $ME5_CACHE/tfds (default ~/.cache/me5_jax/tfds)
   c.mixture_alpha = 1.0                # source weights are smoothed as w ** alpha
   c.same_source_batches = False
   c.strict_data = False                # a bad record stops training instead of being counted and skipped

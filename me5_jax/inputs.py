@@ -29,7 +29,7 @@ def model_source(config) -> tuple[str, EncoderConfig, Any]:
 
 def _open_sources(config) -> dict[str, Any]:
   from data_pipelines.source import dataset_path, open_source
-  data_dir = os.path.expanduser(config.data_dir)
+  data_dir = os.path.expanduser(config.data_dir or os.path.join(fetch.cache_dir(), "tfds"))
   names = list(config_lib.parse_train_data(config.train_data))
   for name in names:
     if name in AUTO_BUILT and not os.path.exists(os.path.join(dataset_path(data_dir, name), "dataset_info.json")):
