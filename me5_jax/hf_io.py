@@ -30,7 +30,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 E5_PROMPTS = {"query": "query: ", "passage": "passage: "}
 
 
-def check_model_dir(path: str, need_tokenizer: bool = True) -> None:
+def check_model_dir(path: str) -> None:
   """Fails fast, naming the first missing piece (folder, config.json, weights, tokenizer), before any
   expensive loading; `FileNotFoundError` so CLIs can print it as a one-line error."""
   if not os.path.isdir(path):
@@ -39,7 +39,7 @@ def check_model_dir(path: str, need_tokenizer: bool = True) -> None:
     raise FileNotFoundError(f"{path}: config.json is missing (not a Hugging Face model folder)")
   if not any(os.path.exists(os.path.join(path, f)) for f in WEIGHT_FILES):
     raise FileNotFoundError(f"{path}: the weights are missing (no {' or '.join(WEIGHT_FILES)})")
-  if need_tokenizer and not any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_SOURCES):
+  if not any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_SOURCES):
     raise FileNotFoundError(f"{path}: the tokenizer is missing (no {', '.join(TOKENIZER_SOURCES)})")
 
 
