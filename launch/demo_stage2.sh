@@ -16,6 +16,7 @@ OUT=workdirs/demo-stage2
 [ -f "$STAGE1/model.safetensors" ] || { echo "demo_stage2.sh: $STAGE1 missing: run bash launch/demo.sh first" >&2; exit 2; }
 start=$(date +%s)
 if [ ! -f "$OUT/mined/stage2.jsonl" ]; then
+  mkdir -p "$OUT/mined"
   python -m data_pipelines.bible --mining-set "$OUT/mining" --every 40 --every-corpus 4
   python -m me5_jax.mine --model "$STAGE1" --queries "$OUT/mining/queries.jsonl" --corpus "$OUT/mining/corpus.jsonl" \
     --qrels "$OUT/mining/qrels.tsv" --out "$OUT/mined/stage2.jsonl.tmp" --top-k 20 --num-negatives 7 \

@@ -11,6 +11,7 @@ import numpy as np
 
 from me5_jax import config as config_lib
 from me5_jax import fetch, hf_io
+from me5_jax.instructions import SOURCE_INSTRUCTIONS
 from me5_jax.tokenize import Tokenizer
 from me5_jax.variants import EncoderConfig, get_variant
 
@@ -66,6 +67,7 @@ def input_pipeline(config, tokenizer: Tokenizer):
       stage=1 if config.stage == "pretrain" else 2, max_query_length=config.query_max_length,
       max_passage_length=config.passage_max_length, num_hard_negatives=config.num_hard_negatives,
       use_teacher=config.use_teacher, instruct=config.instruct,
+      instructions=SOURCE_INSTRUCTIONS if config.instruct else {},
       prefixes={n: (config.query_prefix, config.passage_prefix) for n in sources})
   agree = None
   if jax.process_count() > 1:
