@@ -5,7 +5,8 @@
 # Usage: launch/tpu_pod.sh CONFIG[:stage] [--dry-run] [--name N] [--zone Z] [--accelerator T] [--runtime V]
 #                          [--workdir gs://...] [--spot] [-- extra train flags, e.g. --config.total_steps=100]
 # Environment defaults: TPU_NAME (me5-jax), TPU_ZONE (us-central2-b), TPU_ACCELERATOR (v4-256),
-#   TPU_RUNTIME (tpu-ubuntu2204-base), WORKDIR (gs://$USER-me5-jax/<config>), GCLOUD (gcloud).
+#   TPU_RUNTIME (tpu-ubuntu2204-base), WORKDIR (/mnt/me5/<config>: a folder every
+#   worker shares, e.g. a gcsfuse or Filestore mount; gs:// paths are not supported by the trainer yet), GCLOUD (gcloud).
 # --dry-run prints every command instead of running it.
 set -euo pipefail
 
@@ -22,7 +23,7 @@ DRY=0
 SPOT=()
 EXTRA=()
 CONFIG_BASE=$(basename "${CONFIG%%:*}" .py)
-WORKDIR=${WORKDIR:-gs://${USER:-me5}-me5-jax/$CONFIG_BASE}
+WORKDIR=${WORKDIR:-/mnt/me5/$CONFIG_BASE}
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY=1 ;;

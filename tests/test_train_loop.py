@@ -155,9 +155,10 @@ def resumed_step(output: str) -> int:
 
 @pytest.fixture(scope="module")
 def reference(tiny, tmp_path_factory):
-  """The uninterrupted run (with bitext evaluation before and after training)."""
+  """The uninterrupted run (with bitext evaluation before, every EVERY steps during, and after training;
+  evaluation only reads the params, so the other tests' runs without it must still match bitwise)."""
   workdir = str(tmp_path_factory.mktemp("reference") / "run")
-  train(tiny, workdir, f"--config.eval_bitext={tiny[2]}")
+  train(tiny, workdir, f"--config.eval_bitext={tiny[2]}", f"--config.eval_every_steps={EVERY}")
   return workdir
 
 
@@ -171,7 +172,7 @@ def test_run_writes_metrics_config_checkpoints_and_export(reference, tiny):
       assert np.isfinite(r[key]), (key, r)
   assert train_records[0]["lr"] == 0.0 and train_records[4]["lr"] == pytest.approx(1e-3)  # warmup of 4 steps
   evals = {r["step"]: r for r in records if "eval/bitext/mean_p@1_to_pivot" in r}
-  assert sorted(evals) == [0, TOTAL]
+  assert sorted(evals) == sorted({0, TOTAL} | set(range(EVERY, TOTAL, EVERY)))  # in-loop evals logged too
 
   with open(os.path.join(reference, "config.json"), encoding="utf-8") as f:
     config = json.load(f)
