@@ -116,13 +116,7 @@ def test_retrieval_cli_counts_bad_rows_and_matches_reference(tmp_path, minilm_di
 
   passages = [(t + " " + x).strip() for _, t, x in CORPUS]
   sim = st_model([t for _, t in QUERIES], "query: ") @ st_model(passages, "passage: ").T
-  run = {q: {d: float(sim[i, j]) for j, (d, _, _) in enumerate(CORPUS)} for i, (q, _) in enumerate(QUERIES)}
-  qrels = {}
-  for q, d, s in QRELS:
-    qrels.setdefault(q, {})[d] = s
-  want = ref_retrieval_metrics(run, qrels)
-  for name, value in want.items():
-    assert abs(got[name] - value) <= 1e-5, (name, got, want)
+  want = assert_retrieval_matches(got, sim)
   assert 0 < want["ndcg@10"] < 1  # q3's grade-2 doc is off topic: not trivially perfect
 
 
@@ -209,3 +203,15 @@ def test_bitext_reproduces_published_p_at_1_on_real_me5_small(tmp_path, me5_smal
   assert got["num_rows"] == 259 and got["skipped"] == {}
   errors = {c: round(got["p@1"][c]["to_pivot"] - README_P_AT_1[c], 4) for c in COLUMNS}
   assert all(abs(e) <= 0.01 for e in errors.values()), errors
+
+
+def assert_retrieval_matches(got: dict, sim_QxN) -> dict:
+  """Checks the CLI's retrieval metrics against the loop reference on a QUERIES × CORPUS score matrix."""
+  run = {q: {d: float(sim_QxN[i, j]) for j, (d, _, _) in enumerate(CORPUS)} for i, (q, _) in enumerate(QUERIES)}
+  qrels = {}
+  for q, d, s in QRELS:
+    qrels.setdefault(q, {})[d] = s
+  want = ref_retrieval_metrics(run, qrels)
+  for name, value in want.items():
+    assert abs(got[name] - value) <= 1e-5, (name, got, want)
+  return want

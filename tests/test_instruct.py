@@ -10,8 +10,9 @@ from data_pipelines.preprocess import PreprocessConfig
 from data_pipelines.source import DATASETS
 from me5_jax import evaluate, instructions
 from me5_jax.instructions import format_texts, instruction_for
-from test_evaluate_cli import CORPUS, QRELS, QUERIES, STS, _write, st_model  # noqa: F401 (fixture)
-from test_metrics import ref_average_ranks, ref_pearson, ref_retrieval_metrics
+from test_evaluate_cli import (CORPUS, QRELS, QUERIES, STS, _write, assert_retrieval_matches,  # noqa: F401
+                               st_model)
+from test_metrics import ref_average_ranks, ref_pearson
 
 TEXTS = ["how do plants make oxygen", "Le chat dort."]
 SYMMETRIC_TYPES = ["STS", "Classification", "Clustering", "BitextMining", "PairClassification", "Reranking",
@@ -105,13 +106,7 @@ def test_evaluate_retrieval_with_instruction_matches_reference(tmp_path, capsys,
                    "--instruction-task", "NQ", "--batch-size", "8", "--max-length", "128")
   passages = [(t + " " + x).strip() for _, t, x in CORPUS]  # no "passage: "
   sim = st_model([t for _, t in QUERIES], f"Instruct: {task}\nQuery: ") @ st_model(passages).T
-  run = {q: {d: float(sim[i, j]) for j, (d, _, _) in enumerate(CORPUS)} for i, (q, _) in enumerate(QUERIES)}
-  qrels = {}
-  for q, d, s in QRELS:
-    qrels.setdefault(q, {})[d] = s
-  want = ref_retrieval_metrics(run, qrels)
-  for name, value in want.items():
-    assert abs(got[name] - value) <= 1e-5, (name, got, want)
+  assert_retrieval_matches(got, sim)
   # The same scores do not come out of the E5 prefixes: the instruction reached the model.
   e5 = st_model([t for _, t in QUERIES], "query: ") @ st_model(passages, "passage: ").T
   assert np.abs(e5 - sim).max() > 1e-2
