@@ -21,6 +21,7 @@ def get_config(arg: str = ""):
   c.temperature = 0.05
   c.query_prefix = c.passage_prefix = ""
   c.query_max_length = c.passage_max_length = 128
+  c.pack_sequences = True  # verses average ~40 tokens: packed rows encode ~2.3× fewer tokens than padded ones
   c.log_every_steps = 10
   c.checkpoint_every_steps = 50
   c.eval_bitext = "bible"

@@ -44,9 +44,10 @@ class InputPipeline:
                mixture: MixtureConfig, preprocess: PreprocessConfig, *, process_index: int = 0,
                process_count: int = 1, strict: bool = False,
                agree_length: Callable[[str, int], int] | None = None):
-    """agree_length(kind, local_length) -> length shared by all hosts ("query"/"passage"), e.g. a max over
-    `multihost_utils.process_allgather`; hosts must feed one global shape. Without it, several hosts pad
-    every batch to the max lengths, and a single host pads to the smallest bucket that fits."""
+    """agree_length(kind, local_length) -> length shared by all hosts ("query"/"passage", or "rows" for
+    packed batches), e.g. a max over `multihost_utils.process_allgather`; hosts must feed one global shape.
+    Without it, several hosts pad every batch to the max lengths (packed: a row per text), and a single
+    host pads to the smallest bucket that fits."""
     if not sources:
       raise ValueError("InputPipeline needs at least one source")
     self.sources = dict(sources)
@@ -54,9 +55,11 @@ class InputPipeline:
                                   process_count)
     self.cfg, self.strict, self.seed = preprocess, strict, mixture.seed
     if agree_length is None and process_count > 1:
-      limits = {"query": preprocess.max_query_length, "passage": preprocess.max_passage_length}
+      local_texts = mixture.global_batch_size // process_count * (1 + preprocess.group_size)
+      limits = {"query": preprocess.max_query_length, "passage": preprocess.max_passage_length,
+                "rows": -(-local_texts // preprocess.row_multiple) * preprocess.row_multiple}  # a row per text
       agree_length = lambda kind, length: limits[kind]  # noqa: E731
-    self.batcher = Batcher(tokenizer, preprocess, agree_length)
+    self.batcher = Batcher(tokenizer, preprocess, agree_length, process_index)
     self._bad = collections.Counter()
 
   def __iter__(self) -> "InputPipeline":

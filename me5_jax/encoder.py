@@ -23,19 +23,65 @@ def _init(std: float = 0.02):
   return nn.initializers.normal(stddev=std)
 
 
+def _mix32(x):
+  """Wellons' lowbias32 integer hash: a bijection on uint32 whose output bits all depend on every input bit."""
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x7FEB352D)
+  x = x ^ (x >> 15)
+  x = x * jnp.uint32(0x846CA68B)
+  return x ^ (x >> 16)
+
+
+class Dropout(nn.Module):
+  """Inverted dropout whose mask is a hash of (call site, token, feature) rather than of array positions.
+
+  Why: a token's mask must not depend on where its text sits in the batch. `token_BxL` (from
+  `token_keys`: the text's global index in the batch and the token's position in the text) keys the
+  rows, so padded and packed rows, GradCache chunks, any mesh and any number of hosts draw the same masks
+  for the same text, from one key per step. The hash (two words drawn per call from the rng, then
+  Wellons' 32-bit mixer) also costs a few integer ops per element, where threefry bits cost ~20 % of a
+  CPU train step; dropout needs independent-looking masks, not cryptographic ones.
+  x is [B, L, D] (hidden: token × feature) or [B, H, L, L] (attention: query token × head × key token).
+  """
+  rate: float
+
+  @nn.compact
+  def __call__(self, x, token_BxL, deterministic: bool):
+    if deterministic or self.rate == 0.0:
+      return x
+    seed = jax.random.bits(self.make_rng("dropout"), (2,), jnp.uint32)
+    row_BxL = _mix32(token_BxL ^ seed[0])
+    if x.ndim == 3:
+      col_D = _mix32(jnp.arange(x.shape[-1], dtype=jnp.uint32) ^ seed[1])
+      bits = _mix32(row_BxL[:, :, None] ^ col_D)
+    else:
+      head_H = _mix32(jnp.arange(x.shape[1], dtype=jnp.uint32) ^ seed[1])
+      col_BxHxL = _mix32(token_BxL[:, None, :] ^ head_H[None, :, None])
+      bits = _mix32(row_BxL[:, None, :, None] ^ col_BxHxL[:, :, None, :])
+    keep = bits >= jnp.uint32(min(int(self.rate * 2**32), 2**32 - 1))
+    return jnp.where(keep, x / (1.0 - self.rate), 0.0).astype(x.dtype)
+
+
+def token_keys(text_ids_BxL, pos_BxL):
+  """uint32 key of each token: its text's global index in the batch and its position in that text."""
+  return _mix32(_mix32(text_ids_BxL.astype(jnp.uint32)) ^ pos_BxL.astype(jnp.uint32))
+
+
+def segment_positions(segments_BxL):
+  """Index of each token within its segment (packed rows hold several texts, each starting at 0)."""
+  iota_BxL = jax.lax.broadcasted_iota(jnp.int32, segments_BxL.shape, 1)
+  new_BxL = jnp.concatenate([jnp.ones_like(segments_BxL[:, :1], bool),
+                             segments_BxL[:, 1:] != segments_BxL[:, :-1]], axis=1)
+  return iota_BxL - jax.lax.cummax(jnp.where(new_BxL, iota_BxL, 0), axis=1)
+
+
 class Embeddings(nn.Module):
   cfg: EncoderConfig
 
   @nn.compact
-  def __call__(self, ids_BxL, deterministic: bool):
+  def __call__(self, ids_BxL, pos_BxL, token_BxL, deterministic: bool):
     cfg = self.cfg
     dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-    if cfg.arch == "xlmr":
-      # HF create_position_ids_from_input_ids: count non-pad tokens, pads stay at padding_idx.
-      not_pad_BxL = (ids_BxL != cfg.pad_token_id).astype(jnp.int32)
-      pos_BxL = jnp.cumsum(not_pad_BxL, axis=1) * not_pad_BxL + cfg.pad_token_id
-    else:
-      pos_BxL = jnp.broadcast_to(jnp.arange(ids_BxL.shape[1]), ids_BxL.shape)
     embed = lambda n, name: nn.Embed(n, cfg.hidden_size, dtype=dt, param_dtype=pdt,
                                      embedding_init=_init(), name=name)
     x_BxLxD = embed(cfg.vocab_size, "word_embeddings")(ids_BxL)
@@ -43,14 +89,28 @@ class Embeddings(nn.Module):
     # E5 never uses segment ids: every token is type 0.
     x_BxLxD = x_BxLxD + embed(cfg.type_vocab_size, "token_type_embeddings")(jnp.zeros_like(ids_BxL))
     x_BxLxD = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=dt, param_dtype=pdt, name="LayerNorm")(x_BxLxD)
-    return nn.Dropout(cfg.hidden_dropout)(x_BxLxD, deterministic=deterministic)
+    return Dropout(cfg.hidden_dropout)(x_BxLxD, token_BxL, deterministic)
+
+
+def positions(ids_BxL, cfg: EncoderConfig, segments_BxL=None):
+  """Position ids as HF computes them; in packed rows they restart at every segment."""
+  if segments_BxL is not None:
+    pos_BxL = segment_positions(segments_BxL)
+    if cfg.arch == "xlmr":
+      pos_BxL = jnp.where(segments_BxL > 0, pos_BxL + cfg.pad_token_id + 1, cfg.pad_token_id)
+    return pos_BxL
+  if cfg.arch == "xlmr":
+    # HF create_position_ids_from_input_ids: count non-pad tokens, pads stay at padding_idx.
+    not_pad_BxL = (ids_BxL != cfg.pad_token_id).astype(jnp.int32)
+    return jnp.cumsum(not_pad_BxL, axis=1) * not_pad_BxL + cfg.pad_token_id
+  return jnp.broadcast_to(jnp.arange(ids_BxL.shape[1]), ids_BxL.shape)
 
 
 class SelfAttention(nn.Module):
   cfg: EncoderConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, bias_Bx1x1xL, deterministic: bool):
+  def __call__(self, x_BxLxD, bias_Bx1xQxL, token_BxL, deterministic: bool):
     cfg = self.cfg
     dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     h, k = cfg.num_heads, cfg.hidden_size // cfg.num_heads
@@ -60,8 +120,8 @@ class SelfAttention(nn.Module):
     v_BxLxHxK = proj("value")(x_BxLxD)
     logits_BxHxLxL = jnp.einsum("bqhk,bshk->bhqs", q_BxLxHxK, k_BxLxHxK,
                                 preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(k))
-    probs_BxHxLxL = jax.nn.softmax(logits_BxHxLxL + bias_Bx1x1xL, axis=-1)
-    probs_BxHxLxL = nn.Dropout(cfg.attention_dropout)(probs_BxHxLxL, deterministic=deterministic)
+    probs_BxHxLxL = jax.nn.softmax(logits_BxHxLxL + bias_Bx1xQxL, axis=-1)
+    probs_BxHxLxL = Dropout(cfg.attention_dropout)(probs_BxHxLxL, token_BxL, deterministic)
     ctx_BxLxHxK = jnp.einsum("bhqs,bshk->bqhk", probs_BxHxLxL.astype(dt), v_BxLxHxK)
     return ctx_BxLxHxK.reshape(x_BxLxD.shape[:2] + (cfg.hidden_size,))
 
@@ -71,11 +131,11 @@ class DenseResidualNorm(nn.Module):
   cfg: EncoderConfig
 
   @nn.compact
-  def __call__(self, x, residual_BxLxD, deterministic: bool):
+  def __call__(self, x, residual_BxLxD, token_BxL, deterministic: bool):
     cfg = self.cfg
     dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     y_BxLxD = nn.Dense(cfg.hidden_size, dtype=dt, param_dtype=pdt, kernel_init=_init(), name="dense")(x)
-    y_BxLxD = nn.Dropout(cfg.hidden_dropout)(y_BxLxD, deterministic=deterministic)
+    y_BxLxD = Dropout(cfg.hidden_dropout)(y_BxLxD, token_BxL, deterministic)
     return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=dt, param_dtype=pdt,
                         name="LayerNorm")(y_BxLxD + residual_BxLxD)
 
@@ -84,9 +144,9 @@ class Attention(nn.Module):
   cfg: EncoderConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, bias_Bx1x1xL, deterministic: bool):
-    ctx_BxLxD = SelfAttention(self.cfg, name="self")(x_BxLxD, bias_Bx1x1xL, deterministic)
-    return DenseResidualNorm(self.cfg, name="output")(ctx_BxLxD, x_BxLxD, deterministic)
+  def __call__(self, x_BxLxD, bias_Bx1xQxL, token_BxL, deterministic: bool):
+    ctx_BxLxD = SelfAttention(self.cfg, name="self")(x_BxLxD, bias_Bx1xQxL, token_BxL, deterministic)
+    return DenseResidualNorm(self.cfg, name="output")(ctx_BxLxD, x_BxLxD, token_BxL, deterministic)
 
 
 class Intermediate(nn.Module):
@@ -104,10 +164,10 @@ class Layer(nn.Module):
   cfg: EncoderConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, bias_Bx1x1xL, deterministic: bool):
-    a_BxLxD = Attention(self.cfg, name="attention")(x_BxLxD, bias_Bx1x1xL, deterministic)
+  def __call__(self, x_BxLxD, bias_Bx1xQxL, token_BxL, deterministic: bool):
+    a_BxLxD = Attention(self.cfg, name="attention")(x_BxLxD, bias_Bx1xQxL, token_BxL, deterministic)
     h_BxLxF = Intermediate(self.cfg, name="intermediate")(a_BxLxD)
-    return DenseResidualNorm(self.cfg, name="output")(h_BxLxF, a_BxLxD, deterministic)
+    return DenseResidualNorm(self.cfg, name="output")(h_BxLxF, a_BxLxD, token_BxL, deterministic)
 
 
 _REMAT_POLICY = {
@@ -120,12 +180,12 @@ class Stack(nn.Module):
   cfg: EncoderConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, bias_Bx1x1xL, deterministic: bool):
+  def __call__(self, x_BxLxD, bias_Bx1xQxL, token_BxL, deterministic: bool):
     layer_cls = Layer
     if self.cfg.remat != "none":
-      layer_cls = nn.remat(Layer, policy=_REMAT_POLICY[self.cfg.remat], static_argnums=(3,))
+      layer_cls = nn.remat(Layer, policy=_REMAT_POLICY[self.cfg.remat], static_argnums=(4,))
     for i in range(self.cfg.num_layers):
-      x_BxLxD = layer_cls(self.cfg, name=f"layer_{i}")(x_BxLxD, bias_Bx1x1xL, deterministic)
+      x_BxLxD = layer_cls(self.cfg, name=f"layer_{i}")(x_BxLxD, bias_Bx1xQxL, token_BxL, deterministic)
     return x_BxLxD
 
 
@@ -144,11 +204,23 @@ class Encoder(nn.Module):
   cfg: EncoderConfig
 
   @nn.compact
-  def __call__(self, ids_BxL, mask_BxL, deterministic: bool = True):
-    x_BxLxD = Embeddings(self.cfg, name="embeddings")(ids_BxL, deterministic)
+  def __call__(self, ids_BxL, mask_BxL, deterministic: bool = True, segments_BxL=None, text_ids_BxL=None):
+    """segments_BxL (packed rows): 1..S numbers the texts sharing a row, 0 is padding; a token attends
+    only within its own text. Without it every row is one text and mask_BxL marks its tokens.
+    text_ids_BxL: each token's text, numbered across the global batch, for dropout (default: the row)."""
+    pos_BxL = positions(ids_BxL, self.cfg, segments_BxL)
+    if text_ids_BxL is None:
+      text_ids_BxL = jax.lax.broadcasted_iota(jnp.int32, ids_BxL.shape, 0)
+    token_BxL = token_keys(text_ids_BxL, pos_BxL)
+    x_BxLxD = Embeddings(self.cfg, name="embeddings")(ids_BxL, pos_BxL, token_BxL, deterministic)
     # Additive mask: padded keys get the most negative finite value, as transformers does.
-    bias_Bx1x1xL = jnp.where(mask_BxL[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min)
-    x_BxLxD = Stack(self.cfg, name="encoder")(x_BxLxD, bias_Bx1x1xL, deterministic)
+    if segments_BxL is None:
+      keep_Bx1x1xL = mask_BxL[:, None, None, :] > 0
+    else:
+      keep_Bx1x1xL = ((segments_BxL[:, None, :, None] == segments_BxL[:, None, None, :])
+                      & (segments_BxL[:, None, None, :] > 0))  # [B, 1, L, L]: block-diagonal
+    bias_Bx1xQxL = jnp.where(keep_Bx1x1xL, 0.0, jnp.finfo(jnp.float32).min)
+    x_BxLxD = Stack(self.cfg, name="encoder")(x_BxLxD, bias_Bx1xQxL, token_BxL, deterministic)
     if self.cfg.add_pooler:
       Pooler(self.cfg, name="pooler")(x_BxLxD)
     return x_BxLxD
@@ -172,17 +244,41 @@ def init_params(cfg: EncoderConfig, rng: jax.Array, seq_len: int = 8) -> Params:
   return Encoder(cfg).init(rng, ids_1xL, jnp.ones_like(ids_1xL))["params"]
 
 
-def hidden_states(params: Params, ids_BxL, mask_BxL, cfg: EncoderConfig, dropout_rng=None):
+def hidden_states(params: Params, ids_BxL, mask_BxL, cfg: EncoderConfig, dropout_rng=None, segments_BxL=None,
+                  text_ids_BxL=None):
   """Last hidden states. Dropout is on exactly when a dropout rng is given."""
   rngs = None if dropout_rng is None else {"dropout": dropout_rng}
-  return Encoder(cfg).apply({"params": params}, ids_BxL, mask_BxL, deterministic=dropout_rng is None, rngs=rngs)
+  return Encoder(cfg).apply({"params": params}, ids_BxL, mask_BxL, deterministic=dropout_rng is None, rngs=rngs,
+                            segments_BxL=segments_BxL, text_ids_BxL=text_ids_BxL)
 
 
-def embed(params: Params, ids_BxL, mask_BxL, cfg: EncoderConfig, dropout_rng=None):
+def embed(params: Params, ids_BxL, mask_BxL, cfg: EncoderConfig, dropout_rng=None, text_ids_BxL=None):
   """The E5 embedding: masked mean of the last hidden states, L2-normalised, fp32 [B, D].
 
   A pure function of (params, ids, mask[, rng]): this is what the train step differentiates and what
   inference jits, with `cfg` static.
   """
-  h_BxLxD = hidden_states(params, ids_BxL, mask_BxL, cfg, dropout_rng)
+  h_BxLxD = hidden_states(params, ids_BxL, mask_BxL, cfg, dropout_rng, text_ids_BxL=text_ids_BxL)
   return l2_normalize(mean_pool(h_BxLxD, mask_BxL))
+
+
+def slots_per_row(row_length: int) -> int:
+  """How many texts a packed row of row_length tokens may hold (the pooling output's S)."""
+  return max(1, row_length // 4)
+
+
+def embed_packed(params: Params, ids_RxL, segments_RxL, num_slots: int, cfg: EncoderConfig, dropout_rng=None,
+                 text_ids_RxL=None):
+  """E5 embeddings of packed rows: slot s of row r is the text numbered s + 1 in `segments_RxL`.
+
+  Packing puts several short texts in one row (data_pipelines.preprocess.pack_texts), so the encoder
+  runs on about as many tokens as the texts hold instead of rows padded to the batch's longest text.
+  Returns fp32 [R, S, D], L2-normalised; empty slots are zero vectors.
+  """
+  h_RxLxD = hidden_states(params, ids_RxL, segments_RxL > 0, cfg, dropout_rng, segments_RxL, text_ids_RxL)
+  onehot_RxLxS = (segments_RxL[..., None] == jnp.arange(1, num_slots + 1)).astype(jnp.float32)
+  summed_RxSxD = jnp.einsum("rls,rld->rsd", onehot_RxLxS, h_RxLxD.astype(jnp.float32))
+  used_RxSx1 = jnp.sum(onehot_RxLxS, axis=1)[..., None]
+  # Empty slots get a constant before the norm (whose gradient at 0 is NaN), then zero.
+  mean_RxSxD = jnp.where(used_RxSx1 > 0, summed_RxSxD / jnp.maximum(used_RxSx1, 1.0), 1.0)
+  return jnp.where(used_RxSx1 > 0, l2_normalize(mean_RxSxD), 0.0)

@@ -84,15 +84,34 @@ def load_config(path: str) -> EncoderConfig:
     return from_hf_config(json.load(f), source=cfg_path)
 
 
+def _encoder_key(hf_key: str) -> str:
+  """The key without the model-class prefix ("bert.", "roberta.", ...)."""
+  for p in _HF_PREFIXES:
+    if hf_key.startswith(p):
+      return hf_key[len(p):]
+  return hf_key
+
+
+def pretrained_config(path: str) -> EncoderConfig:
+  """The EncoderConfig of an HF folder without reading any tensor (a resumed run needs only this):
+  config.json, plus whether the weights hold a pooler, from the safetensors header."""
+  cfg = load_config(path)
+  st = os.path.join(path, WEIGHT_FILES[0])
+  if os.path.exists(st):
+    from safetensors import safe_open
+    with safe_open(st, "np") as f:
+      names = list(f.keys())
+  else:
+    names = list(_read_state_dict(path))
+  return cfg.replace(add_pooler=any(_encoder_key(k).startswith("pooler.") for k in names))
+
+
 def load_pretrained(path: str, **overrides: Any) -> tuple[EncoderConfig, Any]:
   """Reads an HF BERT / XLM-R folder into (config, fp32 numpy params). Errors name missing tensors."""
   cfg = load_config(path)
   state = {}
   for k, v in _read_state_dict(path).items():
-    for p in _HF_PREFIXES:
-      if k.startswith(p):
-        k = k[len(p):]
-        break
+    k = _encoder_key(k)
     if not _IGNORED.search(k):
       state[k] = v
   cfg = cfg.replace(add_pooler=any(k.startswith("pooler.") for k in state), **overrides)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -12,6 +12,7 @@ import numpy as np
 from me5_jax import config as config_lib
 from me5_jax import fetch, hf_io
 from me5_jax.instructions import SOURCE_INSTRUCTIONS
+from me5_jax.sharding import num_batch_shards
 from me5_jax.tokenize import Tokenizer
 from me5_jax.variants import EncoderConfig, get_variant
 
@@ -19,13 +20,13 @@ log = logging.getLogger(__name__)
 AUTO_BUILT = ("bible", "bible/demo")  # built from the fetched Bible database on first use
 
 
-def model_source(config) -> tuple[str, EncoderConfig, Any]:
-  """(model folder or "", encoder config, host params or None for a fresh init of `model_variant`)."""
+def model_source(config) -> tuple[str, EncoderConfig, Callable[[], Any]]:
+  """(model folder or "", encoder config, load_params). load_params() reads the host params (None for a
+  fresh init of `model_variant`); the trainer calls it only when there is no checkpoint to resume."""
   if not config.init_checkpoint:
-    return "", get_variant(config.model_variant), None
+    return "", get_variant(config.model_variant), lambda: None
   model_dir = fetch.resolve_model(config.init_checkpoint)
-  enc_cfg, params = hf_io.load_pretrained(model_dir)
-  return model_dir, enc_cfg, params
+  return model_dir, hf_io.pretrained_config(model_dir), lambda: hf_io.load_pretrained(model_dir)[1]
 
 
 def _open_sources(config) -> dict[str, Any]:
@@ -47,8 +48,9 @@ def _open_sources(config) -> dict[str, Any]:
   return {name: open_source(data_dir, name) for name in names}
 
 
-def input_pipeline(config, tokenizer: Tokenizer):
-  """The InputPipeline for this process: its share of every global batch, in the batch contract layout."""
+def input_pipeline(config, tokenizer: Tokenizer, mesh):
+  """The InputPipeline for this process: its share of every global batch, in the batch contract layout.
+  Packed rows come in multiples of the batch shards this process feeds (times the GradCache chunk)."""
   from data_pipelines.input_pipeline import InputPipeline
   from data_pipelines.mixture import MixtureConfig
   from data_pipelines.preprocess import PreprocessConfig
@@ -68,7 +70,9 @@ def input_pipeline(config, tokenizer: Tokenizer):
       max_passage_length=config.passage_max_length, num_hard_negatives=config.num_hard_negatives,
       use_teacher=config.use_teacher, instruct=config.instruct,
       instructions=SOURCE_INSTRUCTIONS if config.instruct else {},
-      prefixes={n: (config.query_prefix, config.passage_prefix) for n in sources})
+      prefixes={n: (config.query_prefix, config.passage_prefix) for n in sources},
+      pack_rows=config.pack_sequences,
+      row_multiple=max(1, num_batch_shards(mesh) // jax.process_count()) * max(1, config.gradcache.chunk_size))
   agree = None
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils

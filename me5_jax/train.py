@@ -99,11 +99,11 @@ def main(argv) -> None:
     config_lib.validate(config)
     mesh = sharding.make_mesh(config)
     train_step.check_config(config, mesh)  # batch vs mesh, GradCache chunking
-    model_dir, enc_cfg, host_params = inputs.model_source(config)
+    model_dir, enc_cfg, load_params = inputs.model_source(config)
     tokenizer_dir = config.tokenizer or model_dir
     tokenizer = Tokenizer.from_dir(tokenizer_dir)
     # ============================================================================== Input
-    pipeline = inputs.input_pipeline(config, tokenizer)
+    pipeline = inputs.input_pipeline(config, tokenizer, mesh)
   except (ValueError, KeyError, FileNotFoundError) as e:
     sys.exit(f"me5_jax.train: {e.args[0] if isinstance(e, KeyError) else e}")
   enc_cfg = train_step.encoder_config(enc_cfg, config)
@@ -124,9 +124,13 @@ def main(argv) -> None:
     log.info("resumed from %s at step %d", ckpt.directory, start_step)
   else:
     start_step = 0
+    try:
+      host_params = load_params()
+    except (ValueError, FileNotFoundError) as e:  # e.g. a tensor the config wants is not in the checkpoint
+      sys.exit(f"me5_jax.train: {e}")
     state = train_step.init_train_state(enc_cfg, config, mesh, host_params)
+    del host_params
     log.info("initialised from %s", model_dir or f"scratch ({config.model_variant})")
-  del host_params
   step_fn = train_step.make_train_step(enc_cfg, config, mesh)
   all_finite = jax.jit(lambda tree: jax.tree.reduce(lambda a, x: a & jax.numpy.isfinite(x).all(), tree, True))
 

@@ -10,17 +10,22 @@ and column order are those of the single-device loss by construction; `tests/tes
 checks this against `jax.grad` on one device. Params are stored split per `sharding.PARAM_RULES` and
 gathered over `fsdp` right before each encoder call (`sharding.compute_shardings`).
 
-Dropout: each example row gets its own key, `fold_in(stream key of step, global row index)`, and the
-encoder is vmapped over rows. A row's dropout mask is then a function of (seed, step, row) only, not of
-how many rows are encoded together, so GradCache's chunks, the plain step and any mesh draw the same
-masks (Flax's masks depend on the array shape, so a batched key would not give this).
+Packed batches (`pack_sequences`, data_pipelines.preprocess.Batcher): several texts share a row; the
+encoder returns one embedding per (row, slot) and `unpack_slots` picks each query's and passage's out of
+the replicated slot list, after which the loss is the same.
+
+Dropout: every token's mask is a hash of (step key, call site, the token's text index in the global
+batch, its position in the text) (encoder.Dropout), not of where the row sits in an array, so GradCache's
+chunks, the plain step, padded or packed rows, any mesh and any host count draw the same masks (Flax's
+own masks depend on the array shape, so they would not give this).
 
 GradCache (Gao et al. 2021): `gradcache.chunk_size` = C queries per batch shard per chunk; a chunk holds C
 rows from each of the data × fsdp shards (C·data·fsdp queries and their G passages each), so it stays
 sharded over the mesh and per-device activation memory depends on C only. Pass 1 embeds the chunks
 without keeping activations; the loss and its gradient w.r.t. the global embeddings are taken on the
 gathered batch; pass 2 re-encodes chunk by chunk under `jax.vjp` with those embedding gradients and sums
-the param gradients (a `lax.scan`, so one chunk's activations are live at a time).
+the param gradients (a `lax.scan`, so one chunk's activations are live at a time). Packed batches chunk
+their packed rows the same way (C rows per shard; the data pipeline rounds R to a multiple of C·shards).
 """
 from __future__ import annotations
 
@@ -48,7 +53,7 @@ def default_step_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.batch_size = 256                      # global: all hosts' rows together
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-  c.gradcache = ml_collections.ConfigDict(dict(chunk_size=0))  # queries per batch shard per chunk; 0 = off
+  c.gradcache = ml_collections.ConfigDict(dict(chunk_size=0))  # queries (packed: rows) per batch shard per chunk; 0 = off
   c.temperature = 0.01
   c.learning_rate = 1e-4
   c.warmup_steps = 1000
@@ -149,37 +154,51 @@ def init_train_state(enc_cfg: EncoderConfig, config: ml_collections.ConfigDict, 
 
 # ------------------------------------------------------------------------------------- embeddings, loss
 
-def encode(params: Any, ids_BxL: jax.Array, mask_BxL: jax.Array, cfg: EncoderConfig,
-           keys_B: jax.Array | None = None) -> jax.Array:
-  """`encoder.embed` with one dropout key per row (vmapped), or no dropout when `keys_B` is None."""
-  if keys_B is None:
-    return enc.embed(params, ids_BxL, mask_BxL, cfg)
-  one = lambda ids_L, mask_L, key: enc.embed(params, ids_L[None], mask_L[None], cfg, key)[0]
-  return jax.vmap(one)(ids_BxL, mask_BxL, keys_B)
+def is_packed(batch: Batch) -> bool:
+  return "packed_ids" in batch
 
 
-def _example_keys(rng: jax.Array | None, b: int, g: int) -> dict[str, jax.Array]:
-  """Per-row dropout keys from the step key and each row's global index (see the module docstring)."""
-  if rng is None:
-    return {}
-  q_rng, p_rng = jax.random.split(rng)
-  fold = jax.vmap(jax.random.fold_in, in_axes=(None, 0))
-  return {"query_keys": fold(q_rng, jnp.arange(b)),
-          "passage_keys": fold(p_rng, jnp.arange(b * g)).reshape(b, g)}
+def _text_ids(batch: Batch) -> dict[str, jax.Array]:
+  """Each token's text, numbered over the global batch (queries 0..B-1, then passages row-major), which
+  keys its dropout mask (encoder.Dropout): the same text gets the same mask in any layout or chunk."""
+  b, g = (batch["passage_slots"] if is_packed(batch) else batch["passage_ids"]).shape[:2]
+  query_B, passage_BxG = jnp.arange(b), b + jnp.arange(b * g).reshape(b, g)
+  if is_packed(batch):
+    r, length = batch["packed_ids"].shape
+    num_slots = enc.slots_per_row(length)
+    text_of_slot = (jnp.zeros(r * num_slots, jnp.int32).at[batch["query_slots"]].set(query_B)
+                    .at[batch["passage_slots"]].set(passage_BxG))
+    slot_RxL = jnp.arange(r)[:, None] * num_slots + jnp.maximum(batch["packed_segments"] - 1, 0)
+    return {"packed_text_ids": text_of_slot[slot_RxL]}
+  return {"query_text_ids": jnp.broadcast_to(query_B[:, None], batch["query_ids"].shape),
+          "passage_text_ids": jnp.broadcast_to(passage_BxG[..., None], batch["passage_ids"].shape)}
 
 
-def _embed_rows(params: Any, rows: Batch, cfg: EncoderConfig, mesh: Mesh) -> tuple[jax.Array, jax.Array]:
-  """(q_BxD, p_BxGxD) of some rows: the batch's token arrays plus optional per-row dropout keys."""
-  b, g, lp = rows["passage_ids"].shape
+def _gather_weights(params: Any, mesh: Mesh) -> Any:
   # Explicit FSDP: gather the fsdp-split weights before use (the transpose reduce-scatters their grads).
   # Left to itself, GSPMD resharded activations instead, with collective-permutes that inside GradCache's
   # loops were slow and hung XLA:CPU's in-process collectives.
-  params = jax.lax.with_sharding_constraint(params, sharding.compute_shardings(params, mesh))
-  p_keys = rows.get("passage_keys")
-  q_BxD = encode(params, rows["query_ids"], rows["query_mask"], cfg, rows.get("query_keys"))
-  p_NxD = encode(params, rows["passage_ids"].reshape(b * g, lp), rows["passage_mask"].reshape(b * g, lp), cfg,
-                 None if p_keys is None else p_keys.reshape(b * g))
+  return jax.lax.with_sharding_constraint(params, sharding.compute_shardings(params, mesh))
+
+
+def _embed_rows(params: Any, rows: Batch, dropout_rng: jax.Array | None, cfg: EncoderConfig, mesh: Mesh
+                ) -> tuple[jax.Array, jax.Array]:
+  """(q_BxD, p_BxGxD) of some padded rows (the batch's token and text-id arrays)."""
+  b, g, lp = rows["passage_ids"].shape
+  params = _gather_weights(params, mesh)
+  q_BxD = enc.embed(params, rows["query_ids"], rows["query_mask"], cfg, dropout_rng, rows["query_text_ids"])
+  flat = lambda x: x.reshape(b * g, lp)  # noqa: E731
+  p_NxD = enc.embed(params, flat(rows["passage_ids"]), flat(rows["passage_mask"]), cfg, dropout_rng,
+                    flat(rows["passage_text_ids"]))
   return q_BxD, p_NxD.reshape(b, g, -1)
+
+
+def _embed_packed_rows(params: Any, rows: Batch, dropout_rng: jax.Array | None, cfg: EncoderConfig, mesh: Mesh
+                       ) -> jax.Array:
+  """emb_RxSxD of some packed rows."""
+  ids_RxL = rows["packed_ids"]
+  return enc.embed_packed(_gather_weights(params, mesh), ids_RxL, rows["packed_segments"],
+                          enc.slots_per_row(ids_RxL.shape[1]), cfg, dropout_rng, rows["packed_text_ids"])
 
 
 def global_loss(q_BxD, p_BxGxD, batch: Batch, loss_cfg: losses.LossConfig, mesh: Mesh):
@@ -189,27 +208,43 @@ def global_loss(q_BxD, p_BxGxD, batch: Batch, loss_cfg: losses.LossConfig, mesh:
   return losses.e5_loss(q_BxD, p_BxGxD, batch.get("passage_hash"), batch.get("teacher_scores"), cfg=loss_cfg)
 
 
+def unpack_slots(emb_RxSxD: jax.Array, batch: Batch, mesh: Mesh) -> tuple[jax.Array, jax.Array]:
+  """(q_BxD, p_BxGxD) picked from the packed rows' slots by the batch's `query_slots`/`passage_slots`.
+  The slot embeddings are replicated first (R·S·D floats, like the passages' all-gather)."""
+  flat_NxD = jax.lax.with_sharding_constraint(emb_RxSxD.reshape(-1, emb_RxSxD.shape[-1]), sharding.replicated(mesh))
+  return flat_NxD[batch["query_slots"]], flat_NxD[batch["passage_slots"]]
+
+
 _TOKEN_KEYS = ("query_ids", "query_mask", "passage_ids", "passage_mask")
+_PACKED_KEYS = ("packed_ids", "packed_segments")
 
 
 def compute_grads(params: Any, batch: Batch, dropout_rng: jax.Array | None, *, enc_cfg: EncoderConfig,
                   loss_cfg: losses.LossConfig, mesh: Mesh, chunk_size: int = 0
                   ) -> tuple[dict[str, jax.Array], Any]:
-  """(loss metrics, grads) of the global batch; GradCache when chunk_size > 0. Traceable, not jitted."""
-  b, g, _ = batch["passage_ids"].shape
-  rows = {k: batch[k] for k in _TOKEN_KEYS} | _example_keys(dropout_rng, b, g)
+  """(loss metrics, grads) of the global batch; GradCache when chunk_size > 0. Traceable, not jitted.
+
+  Both layouts go through (rows → embeddings → loss): padded rows embed to (q_BxD, p_BxGxD), packed rows
+  to slot embeddings [R, S, D] that `unpack_slots` turns into the same pair."""
+  packed = is_packed(batch)
+  rows = {k: batch[k] for k in (_PACKED_KEYS if packed else _TOKEN_KEYS)} | _text_ids(batch)
+  embed_fn = functools.partial(_embed_packed_rows if packed else _embed_rows, dropout_rng=dropout_rng,
+                               cfg=enc_cfg, mesh=mesh)
+  if packed:
+    loss_of = lambda emb: global_loss(*unpack_slots(emb, batch, mesh), batch, loss_cfg, mesh)  # noqa: E731
+  else:
+    loss_of = lambda emb: global_loss(*emb, batch, loss_cfg, mesh)  # noqa: E731
   if not chunk_size:
-    def loss_fn(p):
-      q_BxD, p_BxGxD = _embed_rows(p, rows, enc_cfg, mesh)
-      return global_loss(q_BxD, p_BxGxD, batch, loss_cfg, mesh)
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    (_, metrics), grads = jax.value_and_grad(lambda p: loss_of(embed_fn(p, rows)), has_aux=True)(params)
     return metrics, grads
-  return _gradcache(params, batch, rows, enc_cfg, loss_cfg, mesh, chunk_size)
+  return _gradcache(params, rows, embed_fn, loss_of, mesh, chunk_size)
 
 
-def _gradcache(params, batch, rows, enc_cfg, loss_cfg, mesh, chunk_size):
+def _gradcache(params, rows, embed_fn, loss_of, mesh, chunk_size):
+  """rows: arrays with a leading row axis (queries, or packed rows) and more rows per query (passages);
+  chunk c takes rows c·C..(c+1)·C of every shard."""
   n = sharding.num_batch_shards(mesh)
-  num_chunks = batch["query_ids"].shape[0] // (n * chunk_size)
+  num_chunks = next(iter(rows.values())).shape[0] // (n * chunk_size)
   chunk_sharding = NamedSharding(mesh, P(None, sharding.BATCH_AXES))
 
   def to_chunks(x_Bx):
@@ -223,25 +258,22 @@ def _gradcache(params, batch, rows, enc_cfg, loss_cfg, mesh, chunk_size):
     return x.reshape((n * num_chunks * chunk_size,) + x_Cx.shape[2:])
 
   chunks = jax.tree.map(to_chunks, rows)
-  embed_chunk = lambda p, chunk: _embed_rows(p, chunk, enc_cfg, mesh)
   # Pass 1: embeddings only; nothing here is differentiated, so no activations outlive a chunk.
-  q_chunks, p_chunks = jax.lax.map(functools.partial(embed_chunk, params), chunks)
-  loss_fn = lambda q, p: global_loss(q, p, batch, loss_cfg, mesh)
-  (_, metrics), (dq_BxD, dp_BxGxD) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
-      from_chunks(q_chunks), from_chunks(p_chunks))
+  emb_chunks = jax.lax.map(functools.partial(embed_fn, params), chunks)
+  (_, metrics), d_emb = jax.value_and_grad(loss_of, has_aux=True)(jax.tree.map(from_chunks, emb_chunks))
 
   # Pass 2: re-encode each chunk (same rows, same dropout keys → same embeddings) and pull the
   # embedding gradients back to the params; the sum over chunks is the gradient of the global loss.
   param_shardings = sharding.tree_shardings(params, mesh)
 
   def accumulate(grads, chunk_and_cotangents):
-    chunk, dq, dp = chunk_and_cotangents
-    _, vjp = jax.vjp(lambda p: embed_chunk(p, chunk), params)
-    (g,) = vjp((dq, dp))
+    chunk, d_emb_chunk = chunk_and_cotangents
+    _, vjp = jax.vjp(lambda p: embed_fn(p, chunk), params)
+    (g,) = vjp(d_emb_chunk)
     return jax.lax.with_sharding_constraint(jax.tree.map(jnp.add, grads, g), param_shardings), None
 
   zeros = jax.tree.map(jnp.zeros_like, params)
-  grads, _ = jax.lax.scan(accumulate, zeros, (chunks, to_chunks(dq_BxD), to_chunks(dp_BxGxD)))
+  grads, _ = jax.lax.scan(accumulate, zeros, (chunks, jax.tree.map(to_chunks, d_emb)))
   return metrics, grads
 
 

@@ -136,6 +136,30 @@ def test_batch_tokens_buckets_and_layout(tok, hf):
   np.testing.assert_array_equal(short["passage_hash"][0, 0], hashes[0])  # hash ignores padding length
 
 
+def test_packed_batch_holds_the_padded_batch_tokens(tok):
+  """The packed layout carries exactly the padded layout's texts: each slot's tokens are its text's."""
+  cfg = PreprocessConfig(stage=2, num_hard_negatives=1, max_query_length=64, max_passage_length=128)
+  queries = ["query: hello", "query: " + ("a short question about the weather " * 3).strip()]
+  passages = ["passage: one", "passage: two", "passage: " + "many words here " * 60, "passage: one"]
+  padded = Batcher(tok, cfg)(queries, passages, [[3.0, 1.0], [2.5, 0.5]])
+  packed_cfg = PreprocessConfig(**{**cfg.__dict__, "pack_rows": True, "row_multiple": 4})
+  asked = []
+  agree = lambda kind, n: asked.append((kind, n)) or n + 4  # noqa: E731
+  packed = Batcher(tok, packed_cfg, agree, process_index=1)(queries, passages, [[3.0, 1.0], [2.5, 0.5]])
+  assert asked == [("rows", 4)] and packed["packed_ids"].shape == (8, 128)
+  for key in ("passage_hash", "teacher_scores"):
+    np.testing.assert_array_equal(packed[key], padded[key])
+  num_slots = 128 // 4
+  texts = [(padded["query_ids"][i], padded["query_mask"][i], packed["query_slots"][i]) for i in range(2)]
+  texts += [(padded["passage_ids"][i, g], padded["passage_mask"][i, g], packed["passage_slots"][i, g])
+            for i in range(2) for g in range(2)]
+  for ids_L, mask_L, slot in texts:
+    row, seg = divmod(int(slot), num_slots)
+    row -= 8  # host 1's rows come after host 0's 8
+    np.testing.assert_array_equal(packed["packed_ids"][row][packed["packed_segments"][row] == seg + 1],
+                                  ids_L[mask_L > 0])
+
+
 def test_agree_length_sets_the_padded_length(tok):
   cfg = PreprocessConfig(max_query_length=64, max_passage_length=128)
   asked = []

@@ -1,7 +1,8 @@
 """The trainer end to end: `python -m me5_jax.train` run as subprocesses on 8 simulated CPU devices.
 
 A random-init tiny BERT (transformers' own BertModel, the MiniLM tokenizer) trains on 300 real
-(German verse → English verse) pairs built into a custom TFDS dataset. One uninterrupted run is the
+(German verse → English verse) pairs built into a custom TFDS dataset, with configs/demo.py's settings
+(packed rows, dropout on). One uninterrupted run is the
 reference; every interrupted run (SIGKILL, SIGTERM, a damaged checkpoint, two processes) must end with the
 reference's parameters: bitwise in one process, to float32 rounding across two processes. The runs share
 one compiled program through the persistent compile cache (.cache/jax).

@@ -229,3 +229,44 @@ def test_aot_compile_counts_the_sharded_state(enc_cfg):
   expected = sum(np.prod(s.sharding.shard_shape(s.shape)) * s.dtype.itemsize for s in shards)
   assert report.argument == expected
   assert report.alias > 0 and report.temp > 0 and report.peak > report.argument
+
+
+def packed(batch, row_multiple):
+  """The same texts in the packed layout (data_pipelines.preprocess.pack_token_rows)."""
+  from data_pipelines.preprocess import pack_token_rows
+  rows = [list(r[m > 0]) for r, m in zip(batch["query_ids"], batch["query_mask"])]
+  rows += [list(r[m > 0]) for r, m in zip(batch["passage_ids"].reshape(B * G, L),
+                                          batch["passage_mask"].reshape(B * G, L))]
+  ids, segments, slots = pack_token_rows(rows, L, pad_id=0, row_multiple=row_multiple)
+  return dict(packed_ids=ids, packed_segments=segments, query_slots=slots[:B],
+              passage_slots=slots[B:].reshape(B, G), passage_hash=batch["passage_hash"],
+              teacher_scores=batch["teacher_scores"])
+
+
+@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 2, 2)])
+def test_packed_batch_gives_the_padded_loss_and_grads(mesh_shape, params, batch, enc_cfg, reference):
+  packed_batch = packed(batch, 8)
+  assert packed_batch["packed_ids"].shape[0] < B * (1 + G)  # texts really share rows
+  metrics, grads = sharded_grads(params, packed_batch, enc_cfg, step_config(mesh_shape))
+  ref_loss, ref_grads = reference
+  assert abs(float(metrics["loss"]) - ref_loss) <= TOL * abs(ref_loss)
+  assert_grads_close(grads, ref_grads)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2])  # (2, 2, 2): 4 shards, rows a multiple of 4·2
+def test_packed_gradcache_equals_packed_plain_step_with_dropout(chunk_size, params, batch, enc_cfg):
+  packed_batch = packed(batch, 8)
+  plain_metrics, plain_grads = sharded_grads(params, packed_batch, enc_cfg, step_config((2, 2, 2)),
+                                             jax.random.key(7))
+  metrics, grads = sharded_grads(params, packed_batch, enc_cfg, step_config((2, 2, 2), chunk_size),
+                                 jax.random.key(7))
+  assert abs(float(metrics["loss"]) - float(plain_metrics["loss"])) <= TOL * abs(float(plain_metrics["loss"]))
+  assert_grads_close(grads, plain_grads)
+
+
+def test_packed_batch_draws_the_padded_dropout_masks(params, batch, enc_cfg, plain_with_dropout):
+  """Dropout is keyed by (text, position), so packing the same texts changes nothing but rounding."""
+  metrics, grads = sharded_grads(params, packed(batch, 8), enc_cfg, step_config((2, 2, 2)), jax.random.key(7))
+  plain_metrics, plain_grads = plain_with_dropout
+  assert abs(float(metrics["loss"]) - float(plain_metrics["loss"])) <= TOL * abs(float(plain_metrics["loss"]))
+  assert_grads_close(grads, plain_grads)
