@@ -10,7 +10,7 @@ Steps cycle through --batches real batches (each shape compiles once, in the war
 frameworks alternate round by round and each reports its median round, so load from other processes hits
 all alike.
 
-  python benchmarks/demo_step.py                 # 8 batches × 3 rounds, ~10 min on 2 cores
+  python benchmarks/demo_step.py                 # 4 batches × 2 rounds, ~8 min on 2 cores
   python benchmarks/demo_step.py --batches 2 --rounds 1   # quick look
 """
 from __future__ import annotations
@@ -21,6 +21,8 @@ import sys
 import time
 
 os.environ.setdefault("ME5_CPU_DEVICES", "8")
+# torch's OpenMP workers otherwise spin after each op, taking the cores from the JAX step that follows.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import jax  # noqa: E402
 
 jax.config.update("jax_platforms", "cpu")
@@ -104,8 +106,8 @@ def real_batches(config, n: int, packed: bool):
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--batches", type=int, default=8, help="real demo batches per round")
-  parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument("--batches", type=int, default=4, help="real demo batches per round")
+  parser.add_argument("--rounds", type=int, default=2)
   args = parser.parse_args()
   import torch
   config = get_config()
