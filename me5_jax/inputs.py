@@ -37,6 +37,7 @@ def _open_sources(config) -> dict[str, Any]:
     if name in AUTO_BUILT and not os.path.exists(os.path.join(dataset_path(data_dir, name), "dataset_info.json")):
       # Process 0 builds; the others wait, then build only if their data_dir is not shared with it.
       from data_pipelines import builders  # imports TFDS's writer side: only when a build is due
+      builders.tfds.disable_progress_bar()  # TFDS's per-example bars would bury the trainer's log
       if jax.process_index() == 0:
         log.info("building the %s dataset into %s (once)", name, data_dir)
         builders.build(name, data_dir)
