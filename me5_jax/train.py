@@ -138,9 +138,12 @@ def main(argv) -> None:
   writer = MetricWriter(workdir, enabled=is_main, start_step=start_step)
   evaluator = evals.Evaluator(config, tokenizer, enc_cfg, workdir)
   seqs_per_step = config.batch_size * (2 + config.num_hard_negatives)
-  mean_length = (config.query_max_length + config.passage_max_length) // 2
-  flops_per_step = seqs_per_step * flops_per_sequence(enc_cfg, mean_length)
   peak = config.peak_flops_per_device or peak_flops(jax.devices()[0])
+
+  def batch_flops(batch) -> float:
+    """Training FLOPs of the rows this batch really encodes (bucketed or packed), on every host."""
+    rows = [batch["packed_ids"]] if "packed_ids" in batch else [batch["query_ids"], batch["passage_ids"]]
+    return jax.process_count() * sum(x.size // x.shape[-1] * flops_per_sequence(enc_cfg, x.shape[-1]) for x in rows)
 
   def run_evals(step: int, tag: str) -> None:
     results = evaluator(state.params, step)
@@ -161,10 +164,11 @@ def main(argv) -> None:
   stop = {"signal": None}
   signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
   batch = next(pipeline)
-  step, t_last, step_last = start_step, time.time(), start_step
+  step, t_last, step_last, flops_since_log = start_step, time.time(), start_step, 0.0
   log.info("training steps %d → %d, global batch %d", start_step, config.total_steps, config.batch_size)
   while step < config.total_steps:
     state, metrics = step_fn(state, sharding.shard_batch(batch, mesh))
+    flops_since_log += batch_flops(batch)
     step += 1
     data_state = pipeline.get_state()  # position after `step` batches: saved with this step's state
     if step < config.total_steps:
@@ -173,10 +177,11 @@ def main(argv) -> None:
     if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
       stop_non_finite(step, f"loss {metrics['loss']}, gradient norm {metrics['grad_norm']}")
     if step % config.log_every_steps == 0 or step == config.total_steps:
-      dt = (time.time() - t_last) / (step - step_last)
-      t_last, step_last = time.time(), step
+      elapsed = time.time() - t_last
+      dt = elapsed / (step - step_last)
       rates = {"seq_per_s": seqs_per_step / dt, "step_time_s": dt,
-               "mfu": flops_per_step / dt / (peak * jax.device_count()) if peak else None}
+               "mfu": flops_since_log / elapsed / (peak * jax.device_count()) if peak else None}
+      t_last, step_last, flops_since_log = time.time(), step, 0.0
       writer.write(step, {**{k: float(v) for k, v in metrics.items()}, "lr": float(metrics["learning_rate"]),
                           **rates, "bad_records": pipeline.bad_records})
       writer.console(step, config.total_steps, metrics, rates)
