@@ -47,9 +47,15 @@ def tiny(config, variant: str, tokenizer_dir: str):
 
 
 def abstract_batch(config, mesh):
+  """The batch contract's shapes; a config with pack_sequences gets the packed layout (B·(1+g)/2 rows)."""
   g = 1 + config.num_hard_negatives
-  shapes = {"query_ids": (B, L), "query_mask": (B, L), "passage_ids": (B, g, L), "passage_mask": (B, g, L),
-            "passage_hash": (B, g, 2)}
+  if config.pack_sequences:
+    rows = B * (1 + g) // 2
+    shapes = {"packed_ids": (rows, L), "packed_segments": (rows, L), "query_slots": (B,),
+              "passage_slots": (B, g), "passage_hash": (B, g, 2)}
+  else:
+    shapes = {"query_ids": (B, L), "query_mask": (B, L), "passage_ids": (B, g, L), "passage_mask": (B, g, L),
+              "passage_hash": (B, g, 2)}
   batch = {k: jax.ShapeDtypeStruct(s, np.int32, sharding=sharding.batch_sharding(mesh)) for k, s in shapes.items()}
   if config.stage == "finetune" and config.use_teacher:
     batch["teacher_scores"] = jax.ShapeDtypeStruct((B, g), np.float32, sharding=sharding.batch_sharding(mesh))
