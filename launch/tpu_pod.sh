@@ -5,12 +5,13 @@
 # Usage: launch/tpu_pod.sh CONFIG[:stage] [--dry-run] [--name N] [--zone Z] [--accelerator T] [--runtime V]
 #                          [--workdir gs://...] [--spot] [-- extra train flags, e.g. --config.total_steps=100]
 # Environment defaults: TPU_NAME (me5-jax), TPU_ZONE (us-central2-b), TPU_ACCELERATOR (v4-256),
-#   TPU_RUNTIME (tpu-ubuntu2204-base), WORKDIR (/mnt/me5/<config>: a folder every
-#   worker shares, e.g. a gcsfuse or Filestore mount; gs:// paths are not supported by the trainer yet), GCLOUD (gcloud).
+#   TPU_RUNTIME (tpu-ubuntu2204-base), WORKDIR (/mnt/me5/<config>: a folder every worker shares), GCLOUD (gcloud).
+# A gs://BUCKET/PATH workdir is mounted with gcsfuse on every worker at /mnt/gcs/BUCKET (gcsfuse installed if
+#   missing) and the trainer gets /mnt/gcs/BUCKET/PATH: it writes through the mount, not through a GCS API.
 # --dry-run prints every command instead of running it.
 set -euo pipefail
 
-usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; }
 [ $# -ge 1 ] || { usage >&2; exit 2; }
 case "$1" in -h|--help) usage; exit 0 ;; esac
 CONFIG=$1; shift
@@ -44,6 +45,16 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 run() {
   if [ "$DRY" = 1 ]; then printf '%q ' "$@"; echo; else "$@"; fi
 }
+MOUNT_CMD=""
+if [[ $WORKDIR == gs://* ]]; then
+  BUCKET=${WORKDIR#gs://}
+  BUCKET=${BUCKET%%/*}
+  MOUNT=/mnt/gcs/$BUCKET
+  WORKDIR=$MOUNT${WORKDIR#gs://"$BUCKET"}
+  # shellcheck disable=SC2016  # $(lsb_release ...) and $USER expand on the worker
+  MOUNT_CMD='command -v gcsfuse >/dev/null || { curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo tee /usr/share/keyrings/cloud.google.asc >/dev/null && echo "deb [signed-by=/usr/share/keyrings/cloud.google.asc] https://packages.cloud.google.com/apt gcsfuse-$(lsb_release -c -s) main" | sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null && sudo apt-get update -q && sudo apt-get install -y -q gcsfuse; }'
+  MOUNT_CMD+=" && sudo mkdir -p $MOUNT && sudo chown \$USER $MOUNT && { mountpoint -q $MOUNT || gcsfuse --implicit-dirs $BUCKET $MOUNT; }"
+fi
 TPU=("$GCLOUD" compute tpus tpu-vm)
 WHERE=(--zone="$ZONE")
 TARBALL=/tmp/me5_jax-src.tar.gz
@@ -60,6 +71,10 @@ run git -C "$ROOT" archive --format=tar.gz --prefix="$REMOTE_DIR/" -o "$TARBALL"
 run "${TPU[@]}" scp "$TARBALL" "$NAME:~/" "${WHERE[@]}" --worker=all
 # 3. Install on every worker.
 run "${TPU[@]}" ssh "$NAME" "${WHERE[@]}" --worker=all --command="rm -rf $REMOTE_DIR && tar xzf $(basename "$TARBALL") && cd $REMOTE_DIR && python3 -m venv .venv && .venv/bin/pip install -q -e '.[data]' 'jax[tpu]'"
+# 3b. Mount the gs:// workdir's bucket on every worker.
+if [ -n "$MOUNT_CMD" ]; then
+  run "${TPU[@]}" ssh "$NAME" "${WHERE[@]}" --worker=all --command="$MOUNT_CMD"
+fi
 # 4. Start training on every worker (same command; process id and count come from the TPU runtime).
 run "${TPU[@]}" ssh "$NAME" "${WHERE[@]}" --worker=all --command="nohup bash -c '$TRAIN_CMD' > train.log 2>&1 &"
 # 5. Stream worker 0's log (process 0 is the only one that logs).

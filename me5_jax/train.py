@@ -95,7 +95,8 @@ def main(argv) -> None:
   try:  # bad input: one line naming the key or file, before anything is written or compiled
     if "://" in FLAGS.workdir:  # os.path would quietly make a local folder named "gs:" on every host
       raise ValueError(f"--workdir {FLAGS.workdir}: URLs are not supported; every process needs the same "
-                       "directory, e.g. a bucket mounted with gcsfuse or an NFS share")
+                       "directory, e.g. a bucket mounted with gcsfuse (launch/tpu_pod.sh --workdir gs://... "
+                       "mounts it on every worker) or an NFS share")
     config_lib.validate(config)
     mesh = sharding.make_mesh(config)
     train_step.check_config(config, mesh)  # batch vs mesh, GradCache chunking
