@@ -4,7 +4,9 @@ Submodule names mirror the Hugging Face module tree (`embeddings/word_embeddings
 `encoder/layer_3/attention/self/query`, ...), so checkpoint conversion in `me5_jax.hf_io` is a
 mechanical renaming and the sharding rules in `me5_jax.sharding` read like the HF parameter names.
 
-Shape suffixes: B batch, L sequence length, D hidden size, H heads, K head size, F FFN size.
+Shape suffixes: B batch, L sequence length, D hidden size, H heads, K head size, F FFN size, Q the
+attention bias's query axis (1 for a padding mask, L for packed rows' block-diagonal mask), R packed rows,
+S slots (texts) per packed row.
 """
 from __future__ import annotations
 
@@ -39,8 +41,8 @@ class Dropout(nn.Module):
   `token_keys`: the text's global index in the batch and the token's position in the text) keys the
   rows, so padded and packed rows, GradCache chunks, any mesh and any number of hosts draw the same masks
   for the same text, from one key per step. The hash (two words drawn per call from the rng, then
-  Wellons' 32-bit mixer) also costs a few integer ops per element, where threefry bits cost ~20 % of a
-  CPU train step; dropout needs independent-looking masks, not cryptographic ones.
+  Wellons' 32-bit mixer) also costs a few integer ops per element, where threefry bits cost ~30 % of a
+  CPU train step (BENCHMARKS.md "demo_step"); dropout needs independent-looking masks, not cryptographic ones.
   x is [B, L, D] (hidden: token × feature) or [B, H, L, L] (attention: query token × head × key token).
   """
   rate: float
