@@ -390,7 +390,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   from me5_jax.embedder import Embedder  # after the data checks: bad input fails in well under a second
   try:
     embedder = Embedder.from_pretrained(args.model)
-  except FileNotFoundError as e:  # the loaders name the missing file
+  except (FileNotFoundError, ValueError) as e:  # the loaders name the missing file or tensor
     print(f"error: {e}", file=sys.stderr)
     return 2
   encode = dict(batch_size=args.batch_size, max_length=args.max_length, progress=True)

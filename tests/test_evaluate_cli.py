@@ -180,6 +180,23 @@ def test_cli_model_folder_without_tokenizer_is_a_one_line_error(tmp_path):
   assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith(f"error: {tmp_path}")
 
 
+def test_cli_checkpoint_missing_a_tensor_is_a_one_line_error(tmp_path, minilm_dir):
+  import shutil
+
+  from safetensors.numpy import load_file, save_file
+  model = tmp_path / "model"
+  shutil.copytree(minilm_dir, model)
+  tensors = load_file(str(model / "model.safetensors"))
+  missing = next(k for k in tensors if k.endswith("layer.0.attention.self.query.weight"))
+  del tensors[missing]
+  save_file(tensors, str(model / "model.safetensors"), metadata={"format": "pt"})
+  path = _write(tmp_path / "sts.tsv", ["sentence1\tsentence2\tscore", "a\tb\t1", "c\td\t2"])
+  proc = run_cli("--model", str(model), "--task", "sts", "--data", path, timeout=120)
+  assert proc.returncode == 2 and proc.stdout == ""
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and "lacks 1 tensors" in lines[0] and "query.weight" in lines[0], proc.stderr
+
+
 # Independently measured P@1 (column → pivot en:4) of the me5-small-q4 folder, /work/shared/realdata/README.md.
 README_P_AT_1 = {
     "en:k": 0.9961, "en:3": 0.9575, "es:v": 0.9073, "fr:l": 0.8340, "fr:o": 0.8301, "fr:5": 0.9537,
