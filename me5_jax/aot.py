@@ -31,14 +31,20 @@ from me5_jax.variants import EncoderConfig, get_variant
 
 
 def abstract_batch(batch_size: int, query_len: int, passage_len: int, group_size: int, teacher: bool,
-                   mesh: jax.sharding.Mesh) -> dict[str, jax.ShapeDtypeStruct]:
-  """The batch contract (DESIGN.md) as sharded shapes."""
+                   mesh: jax.sharding.Mesh, packed_rows: int = 0) -> dict[str, jax.ShapeDtypeStruct]:
+  """The batch contract (DESIGN.md) as sharded shapes; packed_rows > 0 gives the packed layout, that many
+  rows of max(Lq, Lp) tokens (how many a real batch needs depends on its text lengths)."""
   rows = sharding.batch_sharding(mesh)
   spec = lambda shape, dtype=jnp.int32: jax.ShapeDtypeStruct(shape, dtype, sharding=rows)
   b, g = batch_size, group_size
-  batch = dict(query_ids=spec((b, query_len)), query_mask=spec((b, query_len)),
-               passage_ids=spec((b, g, passage_len)), passage_mask=spec((b, g, passage_len)),
-               passage_hash=spec((b, g, 2)))
+  if packed_rows:
+    length = max(query_len, passage_len)
+    batch = dict(packed_ids=spec((packed_rows, length)), packed_segments=spec((packed_rows, length)),
+                 query_slots=spec((b,)), passage_slots=spec((b, g)), passage_hash=spec((b, g, 2)))
+  else:
+    batch = dict(query_ids=spec((b, query_len)), query_mask=spec((b, query_len)),
+                 passage_ids=spec((b, g, passage_len)), passage_mask=spec((b, g, passage_len)),
+                 passage_hash=spec((b, g, 2)))
   if teacher:
     batch["teacher_scores"] = spec((b, g), jnp.float32)
   return batch
@@ -46,12 +52,12 @@ def abstract_batch(batch_size: int, query_len: int, passage_len: int, group_size
 
 def compile_train_step(enc_cfg: EncoderConfig, config: ml_collections.ConfigDict, *, query_len: int,
                        passage_len: int, group_size: int = 1, teacher: bool = False,
-                       devices: list | None = None) -> jax.stages.Compiled:
+                       devices: list | None = None, packed_rows: int = 0) -> jax.stages.Compiled:
   """The compiled `train_step` for this shape on `devices` (default: all), nothing allocated."""
   mesh = sharding.make_mesh(config, devices)
   step = ts.make_train_step(enc_cfg, config, mesh)
   state = ts.abstract_train_state(enc_cfg, config, mesh)
-  batch = abstract_batch(config.batch_size, query_len, passage_len, group_size, teacher, mesh)
+  batch = abstract_batch(config.batch_size, query_len, passage_len, group_size, teacher, mesh, packed_rows)
   return step.lower(state, batch).compile()
 
 
@@ -89,6 +95,7 @@ def _define_flags() -> None:
   flags.DEFINE_integer("passage_len", 128, "passage sequence length Lp")
   flags.DEFINE_integer("group_size", 1, "G = 1 + hard negatives per query")
   flags.DEFINE_bool("teacher", False, "batch carries teacher scores (stage-2 distillation)")
+  flags.DEFINE_integer("packed_rows", 0, "pack_sequences: rows of max(Lq, Lp) per global batch (0 = padded)")
   flags.DEFINE_integer("fake_devices", 0, "compile for this many simulated CPU devices instead of the local ones")
   flags.DEFINE_float("device_memory_gb", 0.0, "if set, say whether the peak fits in this much memory per device")
   config_flags.DEFINE_config_dict("config", ts.default_step_config(), "step config (--config.batch_size=...)")
@@ -104,14 +111,16 @@ def main(argv: list[str]) -> None:
   enc_cfg = ts.encoder_config(get_variant(args.variant), config)
   try:
     compiled = compile_train_step(enc_cfg, config, query_len=args.query_len, passage_len=args.passage_len,
-                                  group_size=args.group_size, teacher=args.teacher)
+                                  group_size=args.group_size, teacher=args.teacher, packed_rows=args.packed_rows)
   except ValueError as e:  # config errors (mesh sizes, batch_size, gradcache.chunk_size): one line
     sys.exit(f"error: {e}")
   mesh = sharding.make_mesh(config)
   report = MemoryReport.of(compiled)
   print(f"{args.variant} ({enc_cfg.num_params() / 1e6:.1f}M params, {enc_cfg.dtype}, remat={enc_cfg.remat}) "
         f"on {jax.devices()[0].platform} mesh {dict(mesh.shape)}: batch {config.batch_size} × (Lq {args.query_len}"
-        f" + {args.group_size} × Lp {args.passage_len}), gradcache.chunk_size={config.gradcache.chunk_size}")
+        f" + {args.group_size} × Lp {args.passage_len})"
+        f"{f' packed in {args.packed_rows} rows' if args.packed_rows else ''}, "
+        f"gradcache.chunk_size={config.gradcache.chunk_size}")
   print(report.table())
   if args.device_memory_gb:
     budget = args.device_memory_gb * 1e9

@@ -10,11 +10,10 @@ import importlib.util
 import os
 
 import jax
-import numpy as np
 import pytest
 
 from me5_jax import config as config_lib
-from me5_jax import sharding, train_step
+from me5_jax import aot, sharding, train_step
 from me5_jax.variants import get_variant
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,22 +45,6 @@ def tiny(config, variant: str, tokenizer_dir: str):
   return c
 
 
-def abstract_batch(config, mesh):
-  """The batch contract's shapes; a config with pack_sequences gets the packed layout (B·(1+g)/2 rows)."""
-  g = 1 + config.num_hard_negatives
-  if config.pack_sequences:
-    rows = B * (1 + g) // 2
-    shapes = {"packed_ids": (rows, L), "packed_segments": (rows, L), "query_slots": (B,),
-              "passage_slots": (B, g), "passage_hash": (B, g, 2)}
-  else:
-    shapes = {"query_ids": (B, L), "query_mask": (B, L), "passage_ids": (B, g, L), "passage_mask": (B, g, L),
-              "passage_hash": (B, g, 2)}
-  batch = {k: jax.ShapeDtypeStruct(s, np.int32, sharding=sharding.batch_sharding(mesh)) for k, s in shapes.items()}
-  if config.stage == "finetune" and config.use_teacher:
-    batch["teacher_scores"] = jax.ShapeDtypeStruct((B, g), np.float32, sharding=sharding.batch_sharding(mesh))
-  return batch
-
-
 @pytest.mark.parametrize("name, arg, variant", SHIPPED, ids=[f"{n[:-3]}:{a or 'default'}" for n, a, _ in SHIPPED])
 def test_shipped_config_validates_and_its_step_compiles_at_tiny_size(name, arg, variant, minilm_dir):
   shipped = load_config(name, arg)
@@ -74,7 +57,10 @@ def test_shipped_config_validates_and_its_step_compiles_at_tiny_size(name, arg, 
   train_step.check_config(config, mesh)
   enc_cfg = train_step.encoder_config(get_variant(variant, num_layers=1), config)
   state = train_step.abstract_train_state(enc_cfg, config, mesh)
-  compiled = train_step.make_train_step(enc_cfg, config, mesh).lower(state, abstract_batch(config, mesh)).compile()
+  g = 1 + config.num_hard_negatives
+  batch = aot.abstract_batch(B, L, L, g, config.stage == "finetune" and config.use_teacher, mesh,
+                             packed_rows=B * (1 + g) // 2 if config.pack_sequences else 0)
+  compiled = train_step.make_train_step(enc_cfg, config, mesh).lower(state, batch).compile()
   out_state, metrics = compiled.output_shardings
   assert jax.tree.structure(out_state) == jax.tree.structure(state)
   assert {"loss", "grad_norm", "learning_rate"} <= set(metrics)
