@@ -190,8 +190,8 @@ class Batcher:
   Packed layout (cfg.pack_rows): all B·(1+G) texts packed into `packed_ids`/`packed_segments` [R, L]
   (segment s + 1 of a row is the row's s-th text, 0 is padding), `query_slots` [B] and `passage_slots`
   [B, G] giving each text's index into the [R_global · S] slot list the encoder returns
-  (encoder.embed_packed). On Bible pairs this encodes ~1.3× the real tokens instead of ~3× when every
-  row pads to the batch's longest text. `process_index` offsets the slots: every host packs its own rows
+  (encoder.embed_packed). On the demo's Bible pairs this encodes 1.12× the real tokens instead of 3.1× when
+  every row pads to a bucket over the batch's longest text (benchmarks/demo_step.py). `process_index` offsets the slots: every host packs its own rows
   into the same agreed R, and host h's rows come h-th in the global array.
   """
 

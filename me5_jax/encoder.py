@@ -217,11 +217,11 @@ class Encoder(nn.Module):
     x_BxLxD = Embeddings(self.cfg, name="embeddings")(ids_BxL, pos_BxL, token_BxL, deterministic)
     # Additive mask: padded keys get the most negative finite value, as transformers does.
     if segments_BxL is None:
-      keep_Bx1x1xL = mask_BxL[:, None, None, :] > 0
+      keep_Bx1xQxL = mask_BxL[:, None, None, :] > 0
     else:
-      keep_Bx1x1xL = ((segments_BxL[:, None, :, None] == segments_BxL[:, None, None, :])
+      keep_Bx1xQxL = ((segments_BxL[:, None, :, None] == segments_BxL[:, None, None, :])
                       & (segments_BxL[:, None, None, :] > 0))  # [B, 1, L, L]: block-diagonal
-    bias_Bx1xQxL = jnp.where(keep_Bx1x1xL, 0.0, jnp.finfo(jnp.float32).min)
+    bias_Bx1xQxL = jnp.where(keep_Bx1xQxL, 0.0, jnp.finfo(jnp.float32).min)
     x_BxLxD = Stack(self.cfg, name="encoder")(x_BxLxD, bias_Bx1xQxL, token_BxL, deterministic)
     if self.cfg.add_pooler:
       Pooler(self.cfg, name="pooler")(x_BxLxD)

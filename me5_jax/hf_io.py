@@ -92,6 +92,10 @@ def _encoder_key(hf_key: str) -> str:
   return hf_key
 
 
+def _has_pooler(encoder_keys) -> bool:
+  return any(k.startswith("pooler.") for k in encoder_keys)
+
+
 def pretrained_config(path: str) -> EncoderConfig:
   """The EncoderConfig of an HF folder without reading any tensor (a resumed run needs only this):
   config.json, plus whether the weights hold a pooler, from the safetensors header."""
@@ -103,7 +107,7 @@ def pretrained_config(path: str) -> EncoderConfig:
       names = list(f.keys())
   else:
     names = list(_read_state_dict(path))
-  return cfg.replace(add_pooler=any(_encoder_key(k).startswith("pooler.") for k in names))
+  return cfg.replace(add_pooler=_has_pooler(_encoder_key(k) for k in names))
 
 
 def load_pretrained(path: str, **overrides: Any) -> tuple[EncoderConfig, Any]:
@@ -114,7 +118,7 @@ def load_pretrained(path: str, **overrides: Any) -> tuple[EncoderConfig, Any]:
     k = _encoder_key(k)
     if not _IGNORED.search(k):
       state[k] = v
-  cfg = cfg.replace(add_pooler=any(k.startswith("pooler.") for k in state), **overrides)
+  cfg = cfg.replace(add_pooler=_has_pooler(state), **overrides)
   want = traverse_util.flatten_dict(abstract_params(cfg))
   got = {_flax_path(k): v for k, v in state.items()}
   missing = sorted(_hf_key(p) for p in want if p not in got)
