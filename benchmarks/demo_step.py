@@ -33,34 +33,8 @@ import numpy as np  # noqa: E402
 
 from configs.demo import get_config  # noqa: E402
 from me5_jax import inputs, sharding  # noqa: E402
-from me5_jax import train_step as ts  # noqa: E402
 from me5_jax.tokenize import Tokenizer  # noqa: E402
-from train_step import time_rounds  # noqa: E402  (benchmarks/train_step.py)
-
-
-def cycle(fns):
-  """One runner that calls the next function of `fns` each time."""
-  state = {"i": 0}
-
-  def run():
-    fns[state["i"] % len(fns)]()
-    state["i"] += 1
-  return run
-
-
-def jax_runner(config, batches):
-  model_dir, enc_cfg, load_params = inputs.model_source(config)
-  enc_cfg = ts.encoder_config(enc_cfg, config)
-  mesh = sharding.make_mesh(config)
-  box = {"state": ts.init_train_state(enc_cfg, config, mesh, load_params())}
-  step = ts.make_train_step(enc_cfg, config, mesh)
-  device_batches = [sharding.shard_batch(b, mesh) for b in batches]
-
-  def one(b):
-    def run():
-      box["state"], box["metrics"] = step(box["state"], b)
-    return run
-  return cycle([one(b) for b in device_batches]), lambda: jax.block_until_ready(box["metrics"])
+from train_step import time_rounds, trainer_step  # noqa: E402  (benchmarks/train_step.py)
 
 
 def torch_runner(config, batches):
@@ -93,7 +67,12 @@ def torch_runner(config, batches):
       opt.step()
       opt.zero_grad(set_to_none=True)
     return run
-  return cycle([one(q, p) for q, p in sides]), lambda: None
+  box = {"i": 0}
+
+  def run():
+    one(*sides[box["i"] % len(sides)])()
+    box["i"] += 1
+  return run, lambda: None
 
 
 def real_batches(config, n: int, packed: bool):
@@ -117,7 +96,7 @@ def main() -> None:
             "me5_jax padded": np.mean([b["query_ids"].size + b["passage_ids"].size for b in padded]),
             "torch (peer)": np.mean([b["query_ids"].shape[0] * (b["query_mask"].sum(1).max()
                                                                 + b["passage_mask"].sum(-1).max()) for b in padded])}
-  runners = {"me5_jax packed": jax_runner(config, packed), "me5_jax padded": jax_runner(config, padded),
+  runners = {"me5_jax packed": trainer_step(config, packed), "me5_jax padded": trainer_step(config, padded),
              "torch (peer)": torch_runner(config, padded)}
   start = time.time()
   sec = time_rounds(runners, warmup=args.batches, steps=args.batches, rounds=args.rounds)

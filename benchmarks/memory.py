@@ -18,7 +18,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from me5_jax import aot, sharding
+from me5_jax import aot, config as config_lib, sharding
 from me5_jax import train_step as ts
 from me5_jax.variants import get_variant
 
@@ -57,7 +57,7 @@ def main() -> None:
   for batch_size in map(int, args.batches.split(",")):
     peaks = []
     for chunk in (0, args.chunk_size):
-      config = ts.default_step_config()
+      config = config_lib.base_config()
       config.batch_size, config.gradcache.chunk_size = batch_size, chunk
       compiled = aot.compile_train_step(enc_cfg, config, query_len=args.query_len,
                                         passage_len=args.passage_len, group_size=args.group_size)

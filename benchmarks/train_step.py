@@ -12,9 +12,17 @@ oversubscription: pin to fewer cores than are busy).
   python benchmarks/train_step.py              # CPU, fp32, a 4-layer d=256 encoder, B=16 pairs × 64 tokens
   python benchmarks/train_step.py --threads=1  # both frameworks pinned to one core
   python benchmarks/train_step.py --tiny       # seconds: smoke test of both code paths
-  python benchmarks/train_step.py --gpu        # small/base/large shapes, bf16, seq len 128, tokens/s and MFU
+  python benchmarks/train_step.py --gpu        # small/base/large, bf16, seq len 128, tokens/s, MFU, a base profile
 
-MFU = model FLOPs per step / (step time × peak dense bf16 FLOP/s, --peak_tflops, 989 for an H100 SXM).
+--gpu (one prepared command, under 8 minutes on one H100/H200): per-device batches realistic for the card
+(--gpu_batch, 1024 / 512 / 256 pairs), bf16 activations with fp32 master params, dropout on. Rows per shape:
+`me5_jax` (the checkpoint's attention dropout 0.1: the explicit XLA softmax with dropout), `me5_jax fused`
+(attention_dropout=0: cuDNN's fused attention through jax.nn.dot_product_attention; hidden dropout stays),
+and the PyTorch peer at its best: transformers' BertModel in bf16 autocast with SDPA attention and fused
+AdamW, eager and `torch.compile`d (the faster is the ratio's reference). Each framework and shape runs in
+its own process. Then a jax.profiler trace of --profile_shape's step and its top operations by device time.
+
+MFU = model FLOPs per step / (step time × peak dense bf16 FLOP/s, --peak_tflops, 989 for an H100/H200 SXM).
 Model FLOPs per token: 6 × (matmul params per layer × layers) + 12 × layers × seq len × hidden (the
 attention score and value products), i.e. forward + backward without rematerialisation.
 """
@@ -32,7 +40,7 @@ from typing import Callable
 import jax
 import numpy as np
 
-from me5_jax import sharding
+from me5_jax import config as config_lib, profiling, sharding
 from me5_jax import train_step as ts
 from me5_jax.variants import VARIANTS, EncoderConfig
 
@@ -54,9 +62,13 @@ def random_batch(cfg: EncoderConfig, batch: int, seq_len: int, seed: int = 0) ->
               passage_ids=ids((batch, 1, seq_len)), passage_mask=np.ones((batch, 1, seq_len), np.int32))
 
 
-def jax_step(cfg: EncoderConfig, batch: dict[str, np.ndarray]) -> tuple[Callable[[], None], Callable[[], None]]:
-  """(run one step, wait for the device) for me5_jax's jitted, donated train step on one device."""
-  config = ts.default_step_config()
+def jax_step(cfg: EncoderConfig, batch: dict[str, np.ndarray], attention_dropout: float = -1.0
+             ) -> tuple[Callable[[], None], Callable[[], None]]:
+  """(run one step, wait for the device) for me5_jax's jitted, donated train step on one device, with the
+  attention kernel the trainer would pick (`train_step.encoder_config`, attention_impl "auto")."""
+  config = config_lib.base_config()
+  config.dtype, config.attention_dropout = cfg.dtype, attention_dropout
+  cfg = ts.encoder_config(cfg, config)
   config.batch_size = batch["query_ids"].shape[0]
   config.mesh.data = 1
   config.temperature, config.learning_rate, config.warmup_steps, config.total_steps = TEMPERATURE, LR, WARMUP, TOTAL
@@ -73,9 +85,27 @@ def jax_step(cfg: EncoderConfig, batch: dict[str, np.ndarray]) -> tuple[Callable
   return run, lambda: jax.block_until_ready(out["metrics"])
 
 
-def torch_step(cfg: EncoderConfig, batch: dict[str, np.ndarray], device: str
+def trainer_step(config, batches: list[dict[str, np.ndarray]]) -> tuple[Callable[[], None], Callable[[], None]]:
+  """(run one step, wait) of the trainer's own step for `config` (its init_checkpoint's weights), cycling
+  through real host batches already sharded onto the mesh."""
+  from me5_jax import inputs
+  _, enc_cfg, load_params = inputs.model_source(config)
+  enc_cfg = ts.encoder_config(enc_cfg, config)
+  mesh = sharding.make_mesh(config)
+  box = {"state": ts.init_train_state(enc_cfg, config, mesh, load_params()), "i": 0}
+  step = ts.make_train_step(enc_cfg, config, mesh)
+  device_batches = [sharding.shard_batch(b, mesh) for b in batches]
+
+  def run():
+    box["state"], box["metrics"] = step(box["state"], device_batches[box["i"] % len(device_batches)])
+    box["i"] += 1
+  return run, lambda: jax.block_until_ready(box["metrics"])
+
+
+def torch_step(cfg: EncoderConfig, batch: dict[str, np.ndarray], device: str, compile_model: bool = False
                ) -> tuple[Callable[[], None], Callable[[], None]]:
-  """The same step in PyTorch: transformers BertModel, autocast to the same activation dtype."""
+  """The same step in PyTorch: transformers BertModel (SDPA attention), autocast to the same activation
+  dtype, fused AdamW on CUDA; `compile_model` wraps the encoder in torch.compile."""
   import torch
   import torch.nn.functional as F
   import transformers
@@ -86,6 +116,7 @@ def torch_step(cfg: EncoderConfig, batch: dict[str, np.ndarray], device: str
       max_position_embeddings=cfg.max_position_embeddings, type_vocab_size=cfg.type_vocab_size,
       hidden_dropout_prob=cfg.hidden_dropout, attention_probs_dropout_prob=cfg.attention_dropout,
       layer_norm_eps=cfg.layer_norm_eps, pad_token_id=cfg.pad_token_id)
+  hf_cfg._attn_implementation = "sdpa"  # transformers' default on torch >= 2.1; stated so the peer is pinned
   model = transformers.BertModel(hf_cfg, add_pooling_layer=False).to(device).train()
   no_decay = lambda name: name.endswith("bias") or "LayerNorm" in name
   groups = [{"params": [p for n, p in model.named_parameters() if not no_decay(n)], "weight_decay": 0.01},
@@ -95,10 +126,11 @@ def torch_step(cfg: EncoderConfig, batch: dict[str, np.ndarray], device: str
       opt, lambda s: s / WARMUP if s < WARMUP else max(0.0, (TOTAL - s) / (TOTAL - WARMUP)))
   t = {k: torch.from_numpy(v.reshape(v.shape[0], -1)).long().to(device) for k, v in batch.items()}
   bf16 = cfg.dtype == "bfloat16"
+  forward = torch.compile(model) if compile_model else model
 
   def embed(ids, mask):
     with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
-      h = model(input_ids=ids, attention_mask=mask).last_hidden_state
+      h = forward(input_ids=ids, attention_mask=mask).last_hidden_state
     m = mask.unsqueeze(-1).float()
     return F.normalize((h.float() * m).sum(1) / m.sum(1).clamp_min(1e-9), dim=-1)
 
@@ -140,7 +172,7 @@ def _shapes(args) -> tuple[list[tuple[str, EncoderConfig, int]], int, int]:
     batches = dict(kv.split("=") for kv in args.gpu_batch.split(","))
     shapes = [(name, VARIANTS[name].replace(dtype="bfloat16", **drop), int(batches[name]))
               for name in args.shapes.split(",")]
-    return shapes, args.seq_len or 128, args.steps or 10
+    return shapes, args.seq_len or 128, args.steps or 8
   if args.tiny:
     return [("tiny-bert", VARIANTS["tiny-bert"].replace(**drop), 8)], args.seq_len or 16, args.steps or 3
   cpu = EncoderConfig(vocab_size=8192, hidden_size=256, num_layers=4, num_heads=4, intermediate_size=1024,
@@ -158,18 +190,28 @@ def _measure(args, cfg: EncoderConfig, batch_size: int, seq_len: int, steps: int
   if not args.gpu:
     torch.set_num_threads(args.threads)
   batch = random_batch(cfg, batch_size, seq_len)
-  make = {"me5_jax": lambda: jax_step(cfg, batch), "torch": lambda: torch_step(cfg, batch, device)}
-  sec = time_rounds({fw: make[fw]() for fw in frameworks}, warmup=2 if args.tiny else 3, steps=steps,
-                    rounds=args.rounds)
-  where = {"me5_jax": lambda: f"jax {jax.__version__} on {jax.devices()[0].device_kind}",
-           "torch": lambda: f"torch {torch.__version__} on {torch.cuda.get_device_name() if args.gpu else 'cpu'}"
-                            f"{'' if args.gpu else f', {torch.get_num_threads()} threads'}"}
-  return sec, {fw: where[fw]() for fw in frameworks}
+  make = {"me5_jax": lambda: jax_step(cfg, batch), "me5_jax fused": lambda: jax_step(cfg, batch, 0.0),
+          "torch": lambda: torch_step(cfg, batch, device),
+          "torch.compile": lambda: torch_step(cfg, batch, device, compile_model=True)}
+  runners = {fw: make[fw]() for fw in frameworks}
+  sec = time_rounds(runners, warmup=2 if args.tiny else 3, steps=steps, rounds=args.rounds)
+  jax_where = lambda: f"jax {jax.__version__} on {jax.devices()[0].device_kind}"  # noqa: E731
+  torch_where = lambda: (f"torch {torch.__version__} on {torch.cuda.get_device_name() if args.gpu else 'cpu'}"  # noqa: E731
+                         f"{'' if args.gpu else f', {torch.get_num_threads()} threads'}")
+  if args.profile_dir and "me5_jax" in runners:
+    run, sync = runners["me5_jax"]
+    with profiling.trace(args.profile_dir):
+      for _ in range(3):
+        run()
+      sync()
+  return sec, {fw: jax_where() if fw.startswith("me5_jax") else torch_where() for fw in frameworks}
 
 
-def _measure_isolated(name: str, framework: str) -> tuple[float, str]:
+def _measure_isolated(name: str, framework: str, profile_dir: str = "") -> tuple[float, str]:
   """One framework on one shape in a fresh process: JAX's and torch's GPU memory pools never meet."""
   cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], f"--one={name}:{framework}"]
+  if profile_dir:
+    cmd.append(f"--profile_dir={profile_dir}")
   out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
   result = json.loads(out.strip().splitlines()[-1])
   return result["sec"], result["where"]
@@ -183,7 +225,9 @@ def main() -> None:
                       help="each framework and shape in its own process (always on with --gpu)")
   parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # shape:framework, for --isolate
   parser.add_argument("--shapes", default="small,base,large", help="--gpu: which variants")
-  parser.add_argument("--gpu_batch", default="small=256,base=128,large=64", help="--gpu: pairs per step")
+  parser.add_argument("--gpu_batch", default="small=1024,base=512,large=256", help="--gpu: pairs per step")
+  parser.add_argument("--profile_shape", default="base", help="--gpu: the shape whose me5_jax step is profiled")
+  parser.add_argument("--profile_dir", default="", help=argparse.SUPPRESS)  # set for the profiled subprocess
   parser.add_argument("--batch", type=int, default=16, help="CPU: query-passage pairs per step")
   parser.add_argument("--seq_len", type=int, default=None, help="tokens per sequence (CPU 64, GPU 128)")
   parser.add_argument("--steps", type=int, default=None, help="timed steps per round")
@@ -203,24 +247,38 @@ def main() -> None:
     sec, where = _measure(args, cfg, batch_size, seq_len, steps, [framework])
     print(json.dumps({"sec": sec[framework], "where": where[framework]}))
     return
+  frameworks = ["me5_jax", "me5_jax fused", "torch", "torch.compile"] if args.gpu else ["me5_jax", "torch"]
 
   isolate = args.isolate or args.gpu
   print(f"seq len {seq_len}, dropout {args.dropout}, "
         f"{'one process per framework and shape' if isolate else 'frameworks alternating in one process'}")
-  print(f"{'shape':10} {'dtype':9} {'pairs':>5} {'framework':9} {'ms/step':>9} {'steps/s':>8} {'seq/s':>9} "
+  print(f"{'shape':10} {'dtype':9} {'pairs':>5} {'framework':13} {'ms/step':>9} {'steps/s':>8} {'seq/s':>9} "
         f"{'tokens/s':>10} {'MFU':>6} {'jax/torch':>9}  where")
+  profiled_dir = ""
   for name, cfg, batch_size in shapes:
     if isolate:
-      runs = {fw: _measure_isolated(name, fw) for fw in ("me5_jax", "torch")}
+      runs = {}
+      for fw in frameworks:
+        profile_dir = ""
+        if args.gpu and fw == "me5_jax" and name == args.profile_shape:
+          profile_dir = profiled_dir = os.path.abspath(f"profile-{name}")
+        try:
+          runs[fw] = _measure_isolated(name, fw, profile_dir)
+        except subprocess.CalledProcessError as e:  # e.g. torch.compile failing: report, keep the others
+          print(f"{name} {fw}: failed ({e.returncode}): {(e.stderr or '').strip().splitlines()[-1:]}", flush=True)
       sec, where = {fw: r[0] for fw, r in runs.items()}, {fw: r[1] for fw, r in runs.items()}
     else:
-      sec, where = _measure(args, cfg, batch_size, seq_len, steps, ["me5_jax", "torch"])
+      sec, where = _measure(args, cfg, batch_size, seq_len, steps, frameworks)
     flops = model_flops_per_step(cfg, batch_size, seq_len)
+    peer = min((sec[fw] for fw in ("torch", "torch.compile") if fw in sec), default=None)
     for fw, s in sec.items():
       mfu = f"{100 * flops / (s * args.peak_tflops * 1e12):5.1f}%" if args.gpu else "    -"
-      ratio = f"{sec['torch'] / s:8.2f}x" if fw == "me5_jax" else ""
-      print(f"{name:10} {cfg.dtype:9} {batch_size:5d} {fw:9} {1e3 * s:9.1f} {1 / s:8.2f} {2 * batch_size / s:9.1f} "
+      ratio = f"{peer / s:8.2f}x" if fw.startswith("me5_jax") and peer else ""
+      print(f"{name:10} {cfg.dtype:9} {batch_size:5d} {fw:13} {1e3 * s:9.1f} {1 / s:8.2f} {2 * batch_size / s:9.1f} "
             f"{2 * batch_size * seq_len / s:10.0f} {mfu:>6} {ratio:>9}  {where[fw]}", flush=True)
+  if profiled_dir:
+    print(f"\nme5_jax {args.profile_shape}: top operations by device time over 3 steps (trace in {profiled_dir})")
+    print(profiling.format_top_ops(profiling.top_ops(profiled_dir), 25))
 
 
 if __name__ == "__main__":

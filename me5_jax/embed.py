@@ -15,6 +15,8 @@ from typing import Sequence
 
 import numpy as np
 
+from me5_jax import compile_cache
+
 PROGRESS_MIN_TEXTS = 1000  # below this an embedding run takes seconds: no progress lines
 
 
@@ -64,6 +66,7 @@ def _positive(value: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = _parse_args(argv)
+  compile_cache.enable()
   from me5_jax import hf_io  # imported here so `--help` and argument errors come back at once
   try:
     texts = read_lines(args.input)

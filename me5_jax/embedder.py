@@ -31,7 +31,7 @@ def bucket_length(n: int, max_length: int) -> int:
 
 @functools.partial(jax.jit, static_argnums=3)
 def _embed_jit(params, ids_BxL, mask_BxL, cfg):
-  return enc.embed(params, ids_BxL, mask_BxL, cfg)
+  return enc.embed(params, ids_BxL, mask_BxL, cfg, right_padded=True)  # Tokenizer.pad pads on the right
 
 
 class Embedder:

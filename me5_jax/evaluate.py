@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 
-from me5_jax import instructions, metrics
+from me5_jax import compile_cache, instructions, metrics
 from me5_jax.tokenize import PASSAGE_PREFIX, QUERY_PREFIX
 
 if TYPE_CHECKING:
@@ -375,6 +375,7 @@ def _prefix(value: str | None, default: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = _parse_args(argv)
+  compile_cache.enable()
   try:
     if not os.path.isdir(args.model):
       raise DataError(f"{args.model}: no such model folder")

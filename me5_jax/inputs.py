@@ -2,6 +2,8 @@
 datasets named by `train_data`, both resolved from the config before anything compiles."""
 from __future__ import annotations
 
+import collections
+import dataclasses
 import logging
 import os
 from typing import Any, Callable
@@ -12,7 +14,7 @@ import numpy as np
 from me5_jax import config as config_lib
 from me5_jax import fetch, hf_io
 from me5_jax.instructions import SOURCE_INSTRUCTIONS
-from me5_jax.sharding import num_batch_shards
+from me5_jax.sharding import num_batch_shards, shard_batch
 from me5_jax.tokenize import Tokenizer
 from me5_jax.variants import EncoderConfig, get_variant
 
@@ -72,7 +74,7 @@ def input_pipeline(config, tokenizer: Tokenizer, mesh):
       use_teacher=config.use_teacher, instruct=config.instruct,
       instructions=SOURCE_INSTRUCTIONS if config.instruct else {},
       prefixes={n: (config.query_prefix, config.passage_prefix) for n in sources},
-      pack_rows=config.pack_sequences,
+      pack_rows=config_lib.pack_sequences(config, jax.default_backend()),
       row_multiple=max(1, num_batch_shards(mesh) // jax.process_count()) * max(1, config.gradcache.chunk_size))
   agree = None
   if jax.process_count() > 1:
@@ -80,3 +82,46 @@ def input_pipeline(config, tokenizer: Tokenizer, mesh):
     agree = lambda kind, n: int(multihost_utils.process_allgather(np.array(n)).max())  # noqa: E731
   return InputPipeline(sources, tokenizer, mixture, preprocess, process_index=jax.process_index(),
                        process_count=jax.process_count(), strict=config.strict_data, agree_length=agree)
+
+
+@dataclasses.dataclass
+class FeedItem:
+  batch: dict[str, jax.Array]          # the global batch, sharded onto the devices
+  data_state: dict                     # the pipeline's position after this batch (saved with its step)
+  bad_records: dict                    # records skipped so far, as of this batch
+  flops: float                         # training FLOPs of the rows it encodes (metric_writer.batch_flops)
+
+
+class DeviceFeed:
+  """The next `depth` global batches, already copied to the devices, so a step never waits for the host.
+
+  `pop()` hands out the oldest; `fill()` (called right after the step is dispatched) builds the next host
+  batch and starts its copy while the step runs. In one process the host batches come from a background
+  thread (`Prefetch`: tokenizing releases the GIL), so building overlaps even a blocking metrics read; with
+  several processes they are built in the loop's thread, because hosts agree on shapes with a device
+  collective (`agree_length`), which must not interleave with the step's collectives from another thread.
+  """
+
+  def __init__(self, pipeline, mesh, flops_fn: Callable[[dict], float], depth: int = 2):
+    from data_pipelines.input_pipeline import Prefetch
+    self.mesh, self.flops_fn, self.depth = mesh, flops_fn, depth
+    self.source = Prefetch(pipeline, size=depth) if jax.process_count() == 1 else pipeline
+    self.queue: collections.deque[FeedItem] = collections.deque()
+    for _ in range(depth):
+      self.fill()
+
+  def fill(self) -> None:
+    if len(self.queue) >= self.depth:
+      return
+    host_batch = next(self.source)
+    self.queue.append(FeedItem(shard_batch(host_batch, self.mesh), self.source.get_state(),
+                               self.source.bad_records, self.flops_fn(host_batch)))
+
+  def pop(self) -> FeedItem:
+    if not self.queue:
+      self.fill()
+    return self.queue.popleft()
+
+  def close(self) -> None:
+    if hasattr(self.source, "close"):
+      self.source.close()

@@ -34,6 +34,12 @@ def flops_per_sequence(cfg: EncoderConfig, seq_len: int) -> float:
   return 3.0 * forward
 
 
+def batch_flops(batch, cfg: EncoderConfig, process_count: int = 1) -> float:
+  """Training FLOPs of the rows a (host-local) batch really encodes, packed or bucketed, on every host."""
+  rows = [batch["packed_ids"]] if "packed_ids" in batch else [batch["query_ids"], batch["passage_ids"]]
+  return process_count * sum(x.size // x.shape[-1] * flops_per_sequence(cfg, x.shape[-1]) for x in rows)
+
+
 class MetricWriter:
   def __init__(self, workdir: str, enabled: bool = True, start_step: int = 0):
     """`start_step`: the step the run starts (or resumes) from. Records of later steps, written by a run

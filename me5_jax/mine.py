@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from me5_jax import metrics
+from me5_jax import compile_cache, metrics
 from me5_jax.evaluate import DataError, RetrievalData, load_retrieval_files
 from me5_jax.tokenize import PASSAGE_PREFIX, QUERY_PREFIX
 
@@ -188,6 +188,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = _parse_args(argv)
+  compile_cache.enable()
   from me5_jax import hf_io
   try:
     cfg = MiningConfig(args.top_k, args.skip_top, args.max_score_ratio, args.num_negatives)

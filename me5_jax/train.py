@@ -25,6 +25,8 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
+from me5_jax import compile_cache
+
 config_flags.DEFINE_config_file("config", None, "configs/<name>.py[:arg]", lock_config=True)
 flags.DEFINE_string("workdir", None, "run directory: checkpoints, metrics.jsonl, export/")
 flags.DEFINE_string("coordinator", os.environ.get("ME5_COORDINATOR", ""),
@@ -73,43 +75,70 @@ def _on_tpu_vm() -> bool:
   return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")) and bool(importlib.util.find_spec("libtpu"))
 
 
+class TrainError(Exception):
+  """Why the run cannot start or go on, in one line (a bad config key or file, a non-finite step).
+  `main` prints it as `me5_jax.train: ...` and exits 1; in-process callers catch it."""
+
+
 def main(argv) -> None:
   del argv
   init_distributed()
   import jax
-  import numpy as np
-  from jax.experimental import multihost_utils
-
-  from me5_jax import checkpoint, config as config_lib, evals, export, inputs, sharding, train_step
-  from me5_jax.metric_writer import MetricWriter, flops_per_sequence, peak_flops
-  from me5_jax.tokenize import Tokenizer
-
   # absl's handler already sits on the root logger (so basicConfig alone would do nothing): replace it.
   logging.basicConfig(level=logging.INFO if jax.process_index() == 0 else logging.WARNING, force=True,
                       format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
   logging.getLogger("absl").setLevel(logging.WARNING)
-  is_main = jax.process_index() == 0
+  if "://" in FLAGS.workdir:  # os.path would quietly make a local folder named "gs:" on every host
+    sys.exit(f"me5_jax.train: --workdir {FLAGS.workdir}: URLs are not supported; every process needs the same "
+             "directory, e.g. a bucket mounted with gcsfuse (launch/tpu_pod.sh --workdir gs://... mounts it on "
+             "every worker) or an NFS share")
+  compile_cache.enable()
+  try:
+    train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except TrainError as e:
+    sys.exit(f"me5_jax.train: {e}")
 
+
+def train_and_evaluate(config, workdir: str) -> None:
+  """The whole run in this process: resume or initialise, train to `config.total_steps` (or to a SIGTERM),
+  evaluate, export. Call it after `jax.distributed` is initialised (multi-process) and before anything
+  else has picked devices; raises TrainError for bad input and non-finite steps.
+
+  The loop never waits on the device between steps: step n+1 is dispatched before step n's metrics are
+  read (they are read, checked for finiteness and logged one step late), and the next global batch is
+  already on the devices (`inputs.DeviceFeed`). It waits only where it must: before a checkpoint (that
+  step's loss must be finite before anything of it is saved), an evaluation, the end of a profile, and, in
+  multi-process runs, where the processes agree on a SIGTERM (log and checkpoint steps, so every process
+  stops at the same step).
+  """
+  import jax
+  import numpy as np
+  from jax.experimental import multihost_utils
+
+  from me5_jax import checkpoint, config as config_lib, evals, export, inputs, profiling, sharding, train_step
+  from me5_jax.metric_writer import MetricWriter, batch_flops, peak_flops
+  from me5_jax.tokenize import Tokenizer
+
+  is_main = jax.process_index() == 0
+  workdir = os.path.abspath(workdir)
   # ================================================================================ Config & mesh
-  config, workdir = FLAGS.config, os.path.abspath(FLAGS.workdir)
   try:  # bad input: one line naming the key or file, before anything is written or compiled
-    if "://" in FLAGS.workdir:  # os.path would quietly make a local folder named "gs:" on every host
-      raise ValueError(f"--workdir {FLAGS.workdir}: URLs are not supported; every process needs the same "
-                       "directory, e.g. a bucket mounted with gcsfuse (launch/tpu_pod.sh --workdir gs://... "
-                       "mounts it on every worker) or an NFS share")
     config_lib.validate(config)
+    profile = profiling.parse_steps(config.profile_steps)
     mesh = sharding.make_mesh(config)
     train_step.check_config(config, mesh)  # batch vs mesh, GradCache chunking
     model_dir, enc_cfg, load_params = inputs.model_source(config)
     tokenizer_dir = config.tokenizer or model_dir
     tokenizer = Tokenizer.from_dir(tokenizer_dir)
+    enc_cfg = train_step.encoder_config(enc_cfg, config)
     # ============================================================================== Input
     pipeline = inputs.input_pipeline(config, tokenizer, mesh)
   except (ValueError, KeyError, FileNotFoundError) as e:
-    sys.exit(f"me5_jax.train: {e.args[0] if isinstance(e, KeyError) else e}")
-  enc_cfg = train_step.encoder_config(enc_cfg, config)
-  log.info("mesh %s over %d devices in %d processes (%s)", dict(mesh.shape), jax.device_count(),
-           jax.process_count(), jax.devices()[0].device_kind)
+    raise TrainError(e.args[0] if isinstance(e, KeyError) else str(e)) from None
+  log.info("mesh %s over %d devices in %d processes (%s); attention %s, attention dropout %g%s",
+           dict(mesh.shape), jax.device_count(), jax.process_count(), jax.devices()[0].device_kind,
+           enc_cfg.attention_impl, enc_cfg.attention_dropout,
+           " (softmax with dropout while training)" if enc_cfg.attention_dropout else "")
   os.makedirs(workdir, exist_ok=True)
   if is_main:
     config_lib.save(config, os.path.join(workdir, "config.json"))
@@ -128,7 +157,7 @@ def main(argv) -> None:
     try:
       host_params = load_params()
     except (ValueError, FileNotFoundError) as e:  # e.g. a tensor the config wants is not in the checkpoint
-      sys.exit(f"me5_jax.train: {e}")
+      raise TrainError(str(e)) from None
     state = train_step.init_train_state(enc_cfg, config, mesh, host_params)
     del host_params
     log.info("initialised from %s", model_dir or f"scratch ({config.model_variant})")
@@ -140,11 +169,7 @@ def main(argv) -> None:
   evaluator = evals.Evaluator(config, tokenizer, enc_cfg, workdir)
   seqs_per_step = config.batch_size * (2 + config.num_hard_negatives)
   peak = config.peak_flops_per_device or peak_flops(jax.devices()[0])
-
-  def batch_flops(batch) -> float:
-    """Training FLOPs of the rows this batch really encodes (bucketed or packed), on every host."""
-    rows = [batch["packed_ids"]] if "packed_ids" in batch else [batch["query_ids"], batch["passage_ids"]]
-    return jax.process_count() * sum(x.size // x.shape[-1] * flops_per_sequence(enc_cfg, x.shape[-1]) for x in rows)
+  multi = jax.process_count() > 1
 
   def run_evals(step: int, tag: str) -> None:
     results = evaluator(state.params, step)
@@ -152,54 +177,93 @@ def main(argv) -> None:
       writer.write(step, results, prefix="eval/")
       log.info("eval %s step %d: %s", tag, step, evaluator.summary(results))
 
-  def stop_non_finite(step: int, what: str) -> None:
-    ckpt.close()  # lets earlier (good) saves finish; nothing of this step is saved
+  def close() -> None:
+    ckpt.close()  # lets earlier (good) saves finish
     writer.close()
-    sys.exit(f"me5_jax.train: {what} at step {step}: stopping. The newest checkpoint is step "
-             f"{max(ckpt.steps(), default=0)} in {ckpt.directory}; lower learning_rate or check the data")
+    feed.close()
+
+  def stop_non_finite(step: int, what: str) -> None:
+    close()  # nothing of this step is saved
+    raise TrainError(f"{what} at step {step}: stopping. The newest checkpoint is step "
+                     f"{max(ckpt.steps(), default=0)} in {ckpt.directory}; lower learning_rate or check the data")
+
+  timer = {"t": time.time(), "step": start_step, "flops": 0.0}
+
+  def finish(done) -> None:
+    """Reads a dispatched step's metrics (the device has the next step queued by now), stops on a
+    non-finite loss or gradient norm, logs."""
+    step, metrics, item = done
+    metrics = jax.device_get(metrics)
+    if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
+      stop_non_finite(step, f"loss {metrics['loss']}, gradient norm {metrics['grad_norm']}")
+    timer["flops"] += item.flops
+    if step % config.log_every_steps == 0 or step == config.total_steps:
+      elapsed = time.time() - timer["t"]
+      dt = elapsed / (step - timer["step"])
+      rates = {"seq_per_s": seqs_per_step / dt, "step_time_s": dt,
+               "mfu": timer["flops"] / elapsed / (peak * jax.device_count()) if peak else None}
+      timer.update(t=time.time(), step=step, flops=0.0)
+      writer.write(step, {**{k: float(v) for k, v in metrics.items()}, "lr": float(metrics["learning_rate"]),
+                          **rates, "bad_records": item.bad_records})
+      writer.console(step, config.total_steps, metrics, rates)
 
   if start_step == 0:
     run_evals(0, "before training")
 
   # ================================================================================ Loop
-  stop = {"signal": None}
-  signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
-  batch = next(pipeline)
-  step, t_last, step_last, flops_since_log = start_step, time.time(), start_step, 0.0
-  log.info("training steps %d → %d, global batch %d", start_step, config.total_steps, config.batch_size)
-  while step < config.total_steps:
-    state, metrics = step_fn(state, sharding.shard_batch(batch, mesh))
-    flops_since_log += batch_flops(batch)
-    step += 1
-    data_state = pipeline.get_state()  # position after `step` batches: saved with this step's state
-    if step < config.total_steps:
-      batch = next(pipeline)  # host work overlaps the device's step
-    metrics = jax.device_get(metrics)
-    if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
-      stop_non_finite(step, f"loss {metrics['loss']}, gradient norm {metrics['grad_norm']}")
-    if step % config.log_every_steps == 0 or step == config.total_steps:
-      elapsed = time.time() - t_last
-      dt = elapsed / (step - step_last)
-      rates = {"seq_per_s": seqs_per_step / dt, "step_time_s": dt,
-               "mfu": flops_since_log / elapsed / (peak * jax.device_count()) if peak else None}
-      t_last, step_last, flops_since_log = time.time(), step, 0.0
-      writer.write(step, {**{k: float(v) for k, v in metrics.items()}, "lr": float(metrics["learning_rate"]),
-                          **rates, "bad_records": pipeline.bad_records})
-      writer.console(step, config.total_steps, metrics, rates)
-    preempted = stop["signal"] is not None
-    if jax.process_count() > 1:  # every process must stop at the same step
-      preempted = bool(multihost_utils.process_allgather(np.array(preempted)).any())
-    if step % config.checkpoint_every_steps == 0 or step == config.total_steps or preempted:
-      if not all_finite(state.params):  # finite loss and gradients, but an update overflowed
-        stop_non_finite(step, "non-finite parameters")
-      ckpt.save(step, state, data_state)
-    if preempted and step < config.total_steps:
-      log.warning("SIGTERM at step %d: saved a checkpoint, exiting", step)
-      ckpt.close()
-      writer.close()
-      return
-    if config.eval_every_steps and step % config.eval_every_steps == 0 and step < config.total_steps:
-      run_evals(step, "during training")
+  stop, tracing = {"signal": None}, False
+  previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+  try:
+    feed = inputs.DeviceFeed(pipeline, mesh, lambda b: batch_flops(b, enc_cfg, jax.process_count()),
+                             depth=config.prefetch_batches)
+    step, pending = start_step, None  # pending: (step, metrics, feed item) dispatched, not yet read
+    log.info("training steps %d → %d, global batch %d", start_step, config.total_steps, config.batch_size)
+    while step < config.total_steps:
+      if profile and step + 1 == profile[0]:
+        jax.profiler.start_trace(os.path.join(workdir, "profile"))
+        tracing = True
+      item = feed.pop()
+      state, metrics = step_fn(state, item.batch)  # dispatched; runs while the host goes on
+      step += 1
+      if step < config.total_steps:
+        feed.fill()  # the next batch: built and copied to the devices while this step runs
+      if pending:
+        finish(pending)
+      pending = (step, metrics, item)
+      checkpoint_due = step % config.checkpoint_every_steps == 0 or step == config.total_steps
+      eval_due = bool(config.eval_every_steps) and step % config.eval_every_steps == 0 and step < config.total_steps
+      preempted = stop["signal"] is not None
+      if multi:  # every process must stop at the same step; agreeing is a collective, so only where we sync
+        if checkpoint_due or step % config.log_every_steps == 0:
+          preempted = bool(multihost_utils.process_allgather(np.array(preempted)).any())
+        else:
+          preempted = False
+      profile_ends = tracing and (step == profile[0] + profile[1] - 1 or step == config.total_steps)
+      if checkpoint_due or preempted or eval_due or profile_ends:
+        finish(pending)  # this step's loss and gradient must be finite before anything of it is saved
+        pending = None
+      if profile_ends:
+        jax.block_until_ready(state)
+        jax.profiler.stop_trace()
+        tracing = False
+        log.info("profile of steps %d-%d written to %s", profile[0], step, os.path.join(workdir, "profile"))
+      if checkpoint_due or preempted:
+        if not all_finite(state.params):  # finite loss and gradients, but an update overflowed
+          stop_non_finite(step, "non-finite parameters")
+        ckpt.save(step, state, item.data_state)
+      if preempted and step < config.total_steps:
+        log.warning("SIGTERM at step %d: saved a checkpoint, exiting", step)
+        close()
+        return
+      if eval_due:
+        run_evals(step, "during training")
+    if pending:
+      finish(pending)
+  finally:
+    signal.signal(signal.SIGTERM, previous_handler)
+    if tracing:  # stopped early (non-finite step, SIGTERM): the trace of the steps so far
+      jax.profiler.stop_trace()
+  feed.close()
   ckpt.close()
   run_evals(step, "after training")
 

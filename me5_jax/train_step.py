@@ -39,33 +39,13 @@ import optax
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from me5_jax import config as config_lib
 from me5_jax import encoder as enc
 from me5_jax import losses
 from me5_jax import sharding
 from me5_jax.variants import EncoderConfig
 
 Batch = dict[str, jax.Array]
-
-
-def default_step_config() -> ml_collections.ConfigDict:
-  """Every key the step reads, with defaults (English E5 / mE5 settings); trainer configs extend it."""
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-  c.batch_size = 256                      # global: all hosts' rows together
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-  c.gradcache = ml_collections.ConfigDict(dict(chunk_size=0))  # queries (packed: rows) per batch shard per chunk; 0 = off
-  c.temperature = 0.01
-  c.learning_rate = 1e-4
-  c.warmup_steps = 1000
-  c.total_steps = 30000
-  c.weight_decay = 0.01
-  c.grad_clip_norm = 1.0
-  c.dtype = "float32"                     # activation dtype; params stay float32 ("bfloat16" = mixed precision)
-  c.remat = "none"                        # per-layer rematerialisation: none | full | dots
-  c.loss = ml_collections.ConfigDict(dict(
-      terms=("qp",), false_negative_masking=True, kd_alpha=0.2, teacher_temperature=1.0,
-      matryoshka_dims=(), matryoshka_weights=()))
-  return c
 
 
 def loss_config(config: ml_collections.ConfigDict) -> losses.LossConfig:
@@ -76,9 +56,19 @@ def loss_config(config: ml_collections.ConfigDict) -> losses.LossConfig:
       matryoshka_dims=tuple(lc.matryoshka_dims), matryoshka_weights=tuple(lc.matryoshka_weights))
 
 
-def encoder_config(base: EncoderConfig, config: ml_collections.ConfigDict) -> EncoderConfig:
-  """The variant (or checkpoint) config with the step's precision and remat choices; params stay fp32."""
-  return base.replace(dtype=config.dtype, remat=config.remat, param_dtype="float32")
+def encoder_config(base: EncoderConfig, config: ml_collections.ConfigDict, platform: str | None = None
+                   ) -> EncoderConfig:
+  """The variant (or checkpoint) config with the step's precision, remat and attention choices; params stay
+  fp32. attention_impl "auto" picks cuDNN's fused kernel on a GPU where it is eligible (half precision,
+  head size a multiple of 8 up to 128) and XLA elsewhere; attention_dropout -1 keeps the checkpoint's."""
+  impl = config.attention_impl
+  if impl == "auto":
+    head_size = base.hidden_size // base.num_heads
+    eligible = config.dtype == "bfloat16" and head_size % 8 == 0 and head_size <= 128
+    impl = "cudnn" if eligible and (platform or jax.default_backend()) == "gpu" else "xla"
+  dropout = base.attention_dropout if config.attention_dropout < 0 else config.attention_dropout
+  return base.replace(dtype=config.dtype, remat=config.remat, param_dtype="float32", attention_impl=impl,
+                      attention_dropout=dropout)
 
 
 def check_config(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
@@ -186,10 +176,11 @@ def _embed_rows(params: Any, rows: Batch, dropout_rng: jax.Array | None, cfg: En
   """(q_BxD, p_BxGxD) of some padded rows (the batch's token and text-id arrays)."""
   b, g, lp = rows["passage_ids"].shape
   params = _gather_weights(params, mesh)
-  q_BxD = enc.embed(params, rows["query_ids"], rows["query_mask"], cfg, dropout_rng, rows["query_text_ids"])
+  q_BxD = enc.embed(params, rows["query_ids"], rows["query_mask"], cfg, dropout_rng, rows["query_text_ids"],
+                    right_padded=True)
   flat = lambda x: x.reshape(b * g, lp)  # noqa: E731
   p_NxD = enc.embed(params, flat(rows["passage_ids"]), flat(rows["passage_mask"]), cfg, dropout_rng,
-                    flat(rows["passage_text_ids"]))
+                    flat(rows["passage_text_ids"]), right_padded=True)
   return q_BxD, p_NxD.reshape(b, g, -1)
 
 
@@ -299,4 +290,5 @@ def make_train_step(enc_cfg: EncoderConfig, config: ml_collections.ConfigDict, m
 
   state_shardings = jax.tree.map(lambda s: s.sharding, abstract_train_state(enc_cfg, config, mesh))
   return jax.jit(train_step, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-                 out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
+                 out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0,
+                 compiler_options=config_lib.compiler_options(config, mesh.devices.flat[0].platform))

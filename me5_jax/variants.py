@@ -12,6 +12,7 @@ from typing import Any
 ARCHS = ("bert", "xlmr")
 HF_MODEL_TYPES = {"bert": "bert", "xlm-roberta": "xlmr", "roberta": "xlmr"}
 REMAT_POLICIES = ("none", "full", "dots")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")  # config key attention_impl; EncoderConfig holds xla or cudnn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +34,7 @@ class EncoderConfig:
   dtype: str = "float32"        # compute dtype of activations and matmuls
   param_dtype: str = "float32"  # dtype the master parameters are stored in
   remat: str = "none"           # rematerialisation of each layer: none | full | dots
+  attention_impl: str = "xla"   # jax.nn.dot_product_attention implementation: xla | cudnn
 
   def __post_init__(self):
     if self.arch not in ARCHS:
@@ -41,6 +43,8 @@ class EncoderConfig:
       raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+    if self.attention_impl not in ATTENTION_IMPLS[1:]:
+      raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS[1:]}, got {self.attention_impl!r}")
 
   @property
   def position_offset(self) -> int:

@@ -59,7 +59,7 @@ def test_shipped_config_validates_and_its_step_compiles_at_tiny_size(name, arg, 
   state = train_step.abstract_train_state(enc_cfg, config, mesh)
   g = 1 + config.num_hard_negatives
   batch = aot.abstract_batch(B, L, L, g, config.stage == "finetune" and config.use_teacher, mesh,
-                             packed_rows=B * (1 + g) // 2 if config.pack_sequences else 0)
+                             packed_rows=B * (1 + g) // 2 if config_lib.pack_sequences(config, "cpu") else 0)
   compiled = train_step.make_train_step(enc_cfg, config, mesh).lower(state, batch).compile()
   out_state, metrics = compiled.output_shardings
   assert jax.tree.structure(out_state) == jax.tree.structure(state)
@@ -69,3 +69,35 @@ def test_shipped_config_validates_and_its_step_compiles_at_tiny_size(name, arg, 
 def test_unknown_stage_is_an_error_naming_the_choices():
   with pytest.raises(ValueError, match="pretrain"):
     load_config("large.py", "pretrian")
+
+
+def test_pack_sequences_unset_packs_on_cpu_only_and_true_false_force_it():
+  c = config_lib.base_config()
+  assert c.pack_sequences is None
+  assert config_lib.pack_sequences(c, "cpu") and not config_lib.pack_sequences(c, "gpu")
+  assert not config_lib.pack_sequences(c, "tpu")
+  c.pack_sequences = False
+  assert not config_lib.pack_sequences(c, "cpu")
+  c.pack_sequences = True
+  assert config_lib.pack_sequences(c, "gpu")
+
+
+@pytest.mark.parametrize("key, value", [("attention_impl", "flash"), ("attention_dropout", 1.5),
+                                        ("prefetch_batches", 3), ("profile_steps", "10"),
+                                        ("xla_cpu_options", "ynn=off")])
+def test_new_loop_and_attention_keys_are_checked_naming_the_key(key, value):
+  from me5_jax import profiling
+  c = config_lib.base_config()
+  c.init_checkpoint = "somewhere"
+  c[key] = value
+  with pytest.raises(ValueError, match=key):
+    config_lib.validate(c)
+    profiling.parse_steps(c.profile_steps)
+
+
+def test_xla_cpu_options_reach_the_cpu_compiler_only():
+  c = config_lib.base_config()
+  assert config_lib.compiler_options(c, "cpu") == {"xla_cpu_experimental_ynn_fusion_type": ""}
+  assert config_lib.compiler_options(c, "gpu") is None
+  c.xla_cpu_options = ""
+  assert config_lib.compiler_options(c, "cpu") is None

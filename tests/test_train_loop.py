@@ -60,13 +60,18 @@ def tiny(tmp_path_factory, minilm_dir, bible_tsv):
   return model_dir, data_dir, eval_tsv
 
 
-def train_cmd(tiny, workdir, *overrides):
+def run_settings(tiny) -> dict:
+  """configs/demo.py's overrides for every run of this module."""
   model_dir, data_dir, _ = tiny
-  args = dict(init_checkpoint=model_dir, train_data="custom", data_dir=data_dir, batch_size=16,
+  return dict(init_checkpoint=model_dir, train_data="custom", data_dir=data_dir, batch_size=16,
               query_max_length=32, passage_max_length=32, total_steps=TOTAL, warmup_steps=4,
               learning_rate=1e-3, checkpoint_every_steps=EVERY, log_every_steps=1, eval_bitext="")
+
+
+def train_cmd(tiny, workdir, *overrides):
   return ([sys.executable, "-m", "me5_jax.train", "--config", os.path.join(REPO, "configs", "demo.py"),
-           "--workdir", str(workdir)] + [f"--config.{k}={v}" for k, v in args.items()] + list(overrides))
+           "--workdir", str(workdir)] + [f"--config.{k}={v}" for k, v in run_settings(tiny).items()]
+          + list(overrides))
 
 
 def env(devices=8, **extra):
@@ -181,6 +186,34 @@ def test_run_writes_metrics_config_checkpoints_and_export(reference, tiny):
   assert config["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1}
   assert checkpoint_steps(reference) == [TOTAL - 2 * EVERY, TOTAL - EVERY, TOTAL]  # keep_checkpoints=3
   assert os.path.exists(os.path.join(reference, "export", "modules.json"))
+
+
+def test_train_and_evaluate_in_process_with_a_profile_matches_the_cli_run(reference, tiny, tmp_path):
+  """The loop called in this process (the same 8 simulated devices) ends with the CLI run's parameters
+  bitwise, and profile_steps writes a trace of the steps asked for without changing them."""
+  import importlib.util
+
+  from me5_jax import profiling, train
+  spec = importlib.util.spec_from_file_location("demo_config", os.path.join(REPO, "configs", "demo.py"))
+  demo = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(demo)
+  config = demo.get_config()
+  config.update(run_settings(tiny))
+  config.profile_steps = "3,2"
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(config, workdir)
+  assert_same_params(exported(workdir), exported(reference))
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    records = [json.loads(line) for line in f]
+  assert [r["step"] for r in records] == list(range(1, TOTAL + 1))
+  assert all({"loss", "lr", "grad_norm", "seq_per_s", "step_time_s", "mfu"} <= r.keys() for r in records)
+  ops = profiling.top_ops(os.path.join(workdir, "profile"))
+  assert ops and any("fusion" in name or "dot" in name for name, _, _ in ops[:20]), ops[:20]
+
+  config.total_steps, config.learning_rate = TOTAL + 4, 1e10  # resumes at TOTAL; the update blows up
+  with pytest.raises(train.TrainError, match=r"(?i)nan.* at step \d+"):
+    train.train_and_evaluate(config, workdir)
+  assert checkpoint_steps(workdir)[-1] == TOTAL  # nothing of the bad steps saved
 
 
 def test_sigkill_and_restart_match_the_uninterrupted_run_bitwise(reference, tiny, tmp_path):

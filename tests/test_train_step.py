@@ -13,7 +13,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from me5_jax import encoder as enc
-from me5_jax import aot, losses, sharding
+from me5_jax import aot, config as config_lib, losses, sharding
 from me5_jax import train_step as ts
 from me5_jax.variants import get_variant
 
@@ -22,7 +22,7 @@ TOL = 1e-5
 
 
 def step_config(mesh_shape=(8, 1, 1), chunk_size=0, **overrides):
-  config = ts.default_step_config()
+  config = config_lib.base_config()
   config.batch_size = B
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = mesh_shape
   config.gradcache.chunk_size = chunk_size

@@ -1,0 +1,248 @@
+"""The real mE5-small fine-tune step on CPU: me5_jax against sentence-transformers' MNRL, in one process.
+
+Same work per step on every side: the real multilingual-e5-small (me5-small-q4 from ../shared/realdata,
+250k vocabulary), B = 64 real query → passage pairs (a Bible verse in one of 11 non-English versions,
+"query: ", ~20–60 tokens → the 10-verse passage around it in another version, "passage: ", cut at 128),
+fp32, dropout on (the checkpoint's 0.1 at every site, attention probabilities included), InfoNCE over the
+batch at τ = 0.05 (MNRL scale 20), backward, clipping at 1.0, AdamW at lr 2e-5. The peer is
+sentence-transformers' `MultipleNegativesRankingLoss` on a `SentenceTransformer` (transformers'
+BertModel, SDPA attention), each side padded to its own longest text, as its collator pads. me5_jax runs
+the trainer's jitted step (`train_step.make_train_step`) on `configs/small.py` settings, with the layouts
+given by --layouts: `padded` (power-of-two buckets) and `packed` (`pack_sequences`; 128-token rows).
+Steps cycle through --batches real batches (each shape compiles once, in the warm-up pass, reported as
+"first steps"). Each path runs in its own worker process (as a training run would: no other framework's
+thread pools in it) and the workers take turns, round by round, so load from elsewhere hits all alike;
+each reports its median round.
+
+  python benchmarks/finetune_step.py                  # one CPU device (as a plain `me5_jax.train` runs)
+  python benchmarks/finetune_step.py --devices 8      # 8 simulated CPU devices (mesh.data=8)
+  python benchmarks/finetune_step.py --profile DIR    # also a jax.profiler trace of one me5_jax step per layout
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+# torch's OpenMP workers otherwise spin after each op, taking the cores from the JAX step that follows.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_DEVICES = next((int(a.split("=")[1]) for a in sys.argv if a.startswith("--devices=")),
+                int(sys.argv[sys.argv.index("--devices") + 1]) if "--devices" in sys.argv else 1)
+import jax  # noqa: E402
+
+jax.config.update("jax_platforms", "cpu")
+jax.config.update("jax_num_cpu_devices", _DEVICES)
+
+import numpy as np  # noqa: E402
+
+from me5_jax import config as config_lib, profiling  # noqa: E402
+from me5_jax.tokenize import Tokenizer  # noqa: E402
+from data_pipelines.preprocess import Batcher, PreprocessConfig  # noqa: E402
+from train_step import trainer_step  # noqa: E402  (benchmarks/train_step.py)
+
+BATCH, TAU, LR = 64, 0.05, 2e-5
+PEER = "sentence-transformers"
+QUERY_TOKENS = (20, 60)
+
+
+def realdata() -> str:
+  root = os.environ.get("ME5_REALDATA", os.path.join(os.path.dirname(os.path.dirname(__file__)), ".cache/realdata"))
+  if not os.path.exists(os.path.join(root, "me5-small-q4", "model.safetensors")):
+    sys.exit(f"finetune_step: {root}/me5-small-q4 not found: run `bash ../shared/realdata/fetch.sh {root}` "
+             "(or `bash tests/run.sh`, which fetches it) or set ME5_REALDATA")
+  return root
+
+
+def real_pairs(root: str, tokenizer: Tokenizer, n: int, seed: int = 0) -> list[tuple[str, str]]:
+  """n (query, passage) texts without prefixes: a verse of ~20–60 tokens (with "query: ") in a non-English
+  version → the 10 verses around it in any version (cut at 128 tokens by the batcher, as
+  passage_max_length does)."""
+  with open(os.path.join(root, "bible_pd.tsv"), encoding="utf-8") as f:
+    rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+  header, rows = rows[0], rows[1:]
+  cols = [c for c in range(1, len(header)) if not header[c].startswith("en")]
+  rng = np.random.default_rng(seed)
+  pairs = []
+  while len(pairs) < n:
+    i, qc, pc = int(rng.integers(5, len(rows) - 5)), int(rng.choice(cols)), int(rng.integers(1, len(header)))
+    query = rows[i][qc]
+    if not QUERY_TOKENS[0] <= len(tokenizer.token_ids(["query: " + query])[0]) <= QUERY_TOKENS[1]:
+      continue
+    pairs.append((query, " ".join(r[pc] for r in rows[i - 5:i + 5])))
+  return pairs
+
+
+def step_config(devices: int) -> config_lib.ml_collections.ConfigDict:
+  """configs/small.py's fine-tune settings as the issue's run used them: fp32, pairs, lr 2e-5, τ 0.05."""
+  c = config_lib.recipe_config("small", "pretrain")
+  c.dtype, c.remat, c.batch_size, c.learning_rate, c.temperature = "float32", "none", BATCH, LR, TAU
+  c.warmup_steps, c.total_steps, c.gradcache.chunk_size = 3, 30, 0
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = devices, 1, 1
+  c.query_max_length = c.passage_max_length = 128
+  return c
+
+
+def torch_runner(model_dir: str, pairs_per_batch):
+  import torch
+  from sentence_transformers import SentenceTransformer
+  from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+  model = SentenceTransformer(model_dir, device="cpu")
+  model.train()
+  loss_fn = MultipleNegativesRankingLoss(model, scale=1.0 / TAU)
+  opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)
+  max_len = 128
+  model.max_seq_length = max_len
+  features = [[model.preprocess([q for q, _ in pairs]), model.preprocess([p for _, p in pairs])]
+              for pairs in pairs_per_batch]
+  box = {"i": 0}
+
+  def run():
+    feats = features[box["i"] % len(features)]
+    box["i"] += 1
+    loss = loss_fn(feats, None)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+  return run, lambda: None, [sum(int(f["attention_mask"].shape[1]) * BATCH for f in fs) for fs in features]
+
+
+def build_runner(name: str, args, root: str, model_dir: str, tokenizer: Tokenizer, pairs_per_batch):
+  """(run one step, wait, tokens encoded per step) of `name`: "me5_jax padded|packed" or the peer."""
+  if name == PEER:
+    run, sync, peer_tokens = torch_runner(model_dir, pairs_per_batch)
+    return run, sync, float(np.mean(peer_tokens))
+  layout = name.split()[-1]
+  pre = PreprocessConfig(max_query_length=128, max_passage_length=128, prefixes={"": ("", "")},
+                         pack_rows=layout == "packed", row_multiple=args.devices)
+  batcher = Batcher(tokenizer, pre)
+  batches = [batcher([q for q, _ in pb], [p for _, p in pb]) for pb in pairs_per_batch]
+  config = step_config(args.devices)
+  config.init_checkpoint = model_dir
+  run, sync = trainer_step(config, batches)
+  tokens = np.mean([b["packed_ids"].size if layout == "packed" else b["query_ids"].size + b["passage_ids"].size
+                    for b in batches])
+  return run, sync, float(tokens)
+
+
+def serve(args) -> None:
+  """--worker NAME: build one runner, warm it up (compiles), then run the steps the parent asks for on
+  stdin ("N" per line), answering one JSON line each on stdout."""
+  root = realdata()
+  model_dir = os.path.join(root, "me5-small-q4")
+  tokenizer = Tokenizer.from_dir(model_dir)
+  pairs_per_batch = batches_of_pairs(root, tokenizer, args.batches)
+  run, sync, tokens = build_runner(args.worker, args, root, model_dir, tokenizer, pairs_per_batch)
+  start = time.perf_counter()
+  for _ in pairs_per_batch:  # one compile per distinct shape; the peer's first steps warm its allocator
+    run()
+  sync()
+  first_s = time.perf_counter() - start
+  if args.profile and args.worker != PEER:
+    with profiling.trace(args.profile):
+      run()
+      sync()
+  where = (f"jax {jax.__version__} on {jax.device_count()} CPU device(s)" if args.worker != PEER else
+           f"torch {__import__('torch').__version__}, {__import__('torch').get_num_threads()} threads")
+  print(json.dumps({"first_s": first_s, "tokens": tokens, "where": where}), flush=True)
+  for line in sys.stdin:
+    n = int(line)
+    start = time.perf_counter()
+    for _ in range(n):
+      run()
+    sync()
+    print(json.dumps({"sec": (time.perf_counter() - start) / n}), flush=True)
+
+
+def batches_of_pairs(root: str, tokenizer: Tokenizer, n: int):
+  pairs = [("query: " + q, "passage: " + p) for q, p in real_pairs(root, tokenizer, BATCH * n)]
+  return [pairs[i * BATCH:(i + 1) * BATCH] for i in range(n)]
+
+
+class Worker:
+  """A `--worker` subprocess: one framework and layout per process, so no thread pool or allocator of one
+  slows the other (co-resident, torch's runtime slowed the JAX step by ~30 % here: BENCHMARKS.md)."""
+
+  def __init__(self, name: str, argv: list[str], profile_dir: str):
+    cmd = [sys.executable, os.path.abspath(__file__), *argv, "--worker", name]
+    if profile_dir:
+      cmd += ["--profile", profile_dir]
+    self.name = name
+    self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+  def answer(self) -> dict:
+    for line in self.proc.stdout:
+      if line.startswith("{"):
+        return json.loads(line)
+    sys.exit(f"finetune_step: the {self.name} worker exited ({self.proc.wait()}) without an answer")
+
+  def run(self, steps: int) -> float:
+    self.proc.stdin.write(f"{steps}\n")
+    self.proc.stdin.flush()
+    return self.answer()["sec"]
+
+  def close(self) -> None:
+    self.proc.stdin.close()
+    self.proc.wait()
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--devices", type=int, default=1, help="simulated CPU devices (mesh.data)")
+  parser.add_argument("--batches", type=int, default=2, help="real batches cycled per round")
+  parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument("--layouts", default="padded,packed", help="me5_jax layouts to time")
+  parser.add_argument("--no_peer", action="store_true", help="me5_jax only")
+  parser.add_argument("--profile", default="", help="a jax.profiler trace of one step per layout under this folder")
+  parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.worker:
+    serve(args)
+    return
+  root = realdata()
+  tokenizer = Tokenizer.from_dir(os.path.join(root, "me5-small-q4"))
+  real_tokens = np.mean([sum(len(r) for r in tokenizer.token_ids([t for pair in pb for t in pair], 128))
+                         for pb in batches_of_pairs(root, tokenizer, args.batches)])
+  names = [f"me5_jax {layout}" for layout in args.layouts.split(",")] + ([] if args.no_peer else [PEER])
+  argv = ["--devices", str(args.devices), "--batches", str(args.batches)]
+  workers, ready = [], {}
+  for name in names:  # started one at a time: their warm-up compiles do not compete
+    profile_dir = os.path.join(args.profile, name.split()[-1]) if args.profile and name != PEER else ""
+    workers.append(Worker(name, argv, profile_dir))
+    ready[name] = workers[-1].answer()
+  start = time.time()
+  sec = {w.name: [] for w in workers}
+  for _ in range(args.rounds):
+    for w in workers:
+      sec[w.name].append(w.run(args.batches))
+  for w in workers:
+    w.close()
+  med = {name: statistics.median(v) for name, v in sec.items()}
+  print(f"fine-tune step, me5-small-q4 (12×384, vocab 250k), {BATCH} real pairs per step (queries "
+        f"{QUERY_TOKENS[0]}–{QUERY_TOKENS[1]} tokens, passages ≤ 128), fp32, dropout 0.1, {args.batches} batches × "
+        f"{args.rounds} rounds, one process per path, alternating ({time.time() - start:.0f} s); real tokens per "
+        f"step {real_tokens:.0f}; {os.cpu_count()} cores")
+  for name in names:
+    print(f"  {name}: {ready[name]['where']}")
+  ref = med.get(PEER)
+  print(f"| {'path':22} | {'s/step':>7} | {'tokens encoded/step':>19} | {'first steps (compile)':>21} | "
+        f"{'peer time / time':>16} |")
+  print(f"|{'-' * 24}|{'-' * 9}|{'-' * 21}|{'-' * 23}|{'-' * 18}|")
+  for name, s in med.items():
+    ratio = f"{ref / s:15.2f}x" if ref else f"{'-':>16}"
+    print(f"| {name:22} | {s:7.2f} | {ready[name]['tokens']:19.0f} | {ready[name]['first_s']:20.1f}s | {ratio} |")
+  for name in names:
+    if args.profile and name != PEER:
+      print(f"\ntop operations, {name} (one step):")
+      print(profiling.format_top_ops(profiling.top_ops(os.path.join(args.profile, name.split()[-1])), 15))
+
+
+if __name__ == "__main__":
+  main()
