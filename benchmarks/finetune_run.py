@@ -53,8 +53,7 @@ print(json.dumps({"train_s": time.time() - t1, "script_s": time.time() - t0}))
 
 
 def write_pairs(path: str) -> None:
-  sys.path.insert(0, HERE)
-  from finetune_step import real_pairs, realdata  # noqa: E402
+  from finetune_step import real_pairs, realdata
   from me5_jax.tokenize import Tokenizer
   root = realdata()
   pairs = real_pairs(root, Tokenizer.from_dir(os.path.join(root, "me5-small-q4")), PAIRS, seed=1)
@@ -77,12 +76,11 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=30)
   parser.add_argument("--warm_cache", action="store_true", help="keep .cache/jax (a rerun) instead of a fresh one")
   parser.add_argument("--work", default="", help="folder for data, runs and logs (default: a temp folder)")
-  parser.add_argument("--skip_peer", action="store_true")
+  parser.add_argument("--only", choices=("me5_jax", "peer"), default=None, help="run one side only")
   args = parser.parse_args()
   work = args.work or tempfile.mkdtemp(prefix="finetune_run_")
   os.makedirs(work, exist_ok=True)
-  sys.path.insert(0, REPO)
-  from finetune_step import realdata  # noqa: E402  (sys.path has HERE after write_pairs)
+  from finetune_step import realdata  # benchmarks/finetune_step.py, beside this script
   pairs = os.path.join(work, "pairs.jsonl")
   write_pairs(pairs)
   model_dir = os.path.join(realdata(), "me5-small-q4")
@@ -90,6 +88,20 @@ def main() -> None:
   env["OMP_WAIT_POLICY"] = "PASSIVE"
   if not args.warm_cache:
     env["JAX_COMPILATION_CACHE_DIR"] = os.path.join(work, "jax_cache")
+  rows = []
+  if args.only != "peer":
+    rows += run_me5_jax(args, work, pairs, model_dir, env)
+  if args.only != "me5_jax":
+    rows += run_peer(args, work, pairs, model_dir, env)
+  print(f"{args.steps}-step fine-tune of me5-small-q4, batch {BATCH} real pairs, fp32, 1 CPU device, "
+        f"{'warm' if args.warm_cache else 'cold'} compile cache; {os.cpu_count()} cores; logs in {work}")
+  print(f"| {'what':52} | {'seconds':>8} | notes")
+  print(f"|{'-' * 54}|{'-' * 10}|------")
+  for what, sec, note in rows:
+    print(f"| {what:52} | {sec:8.1f} | {note}")
+
+
+def run_me5_jax(args, work: str, pairs: str, model_dir: str, env: dict) -> list[tuple[str, float, str]]:
   data_dir = os.path.join(work, "tfds")
   build_s = timed([sys.executable, "-m", "data_pipelines.build", "--source", "custom", "--files", pairs,
                    "--data-dir", data_dir, "--overwrite"], env, os.path.join(work, "build.log"))
@@ -112,25 +124,21 @@ def main() -> None:
   rows = [("me5_jax: data_pipelines.build", build_s, "")]
   rows.append((f"me5_jax: me5_jax.train ({args.steps} steps)", train_s,
                f"steps {steps_s:.0f} s incl. compile; loss {records[-1]['loss']:.3f}; started {first[1] if first else '?'}"))
-  if not args.skip_peer:
-    script = os.path.join(work, "peer.py")
-    with open(script, "w") as f:
-      f.write(PEER)
-    peer_log = os.path.join(work, "peer.log")
-    peer_s = timed([sys.executable, script, model_dir, pairs, str(args.steps), os.path.join(work, "peer_out")],
-                   env, peer_log)
-    with open(peer_log, encoding="utf-8") as f:
-      peer = json.loads([line for line in f if line.startswith('{"train_s"')][-1])
-    rows.append((f"sentence-transformers: trainer.train() ({args.steps} steps)", peer["train_s"],
-                 f"whole script {peer_s:.0f} s"))
-  print(f"30-step fine-tune of me5-small-q4, batch {BATCH} real pairs, fp32, 1 CPU device, "
-        f"{'warm' if args.warm_cache else 'cold'} compile cache; {os.cpu_count()} cores; logs in {work}")
-  print(f"| {'what':52} | {'seconds':>8} | notes")
-  print(f"|{'-' * 54}|{'-' * 10}|------")
-  for what, sec, note in rows:
-    print(f"| {what:52} | {sec:8.1f} | {note}")
-  if not args.skip_peer:
-    print(f"peer trainer.train() / me5_jax.train: {peer['train_s'] / train_s:.2f}x")
+  return rows
+
+
+def run_peer(args, work: str, pairs: str, model_dir: str, env: dict) -> list[tuple[str, float, str]]:
+  """SentenceTransformerTrainer.train() on the same pairs, in its own process."""
+  script = os.path.join(work, "peer.py")
+  with open(script, "w") as f:
+    f.write(PEER)
+  peer_log = os.path.join(work, "peer.log")
+  peer_s = timed([sys.executable, script, model_dir, pairs, str(args.steps), os.path.join(work, "peer_out")],
+                 env, peer_log)
+  with open(peer_log, encoding="utf-8") as f:
+    peer = json.loads([line for line in f if line.startswith('{"train_s"')][-1])
+  return [(f"sentence-transformers: trainer.train() ({args.steps} steps)", peer["train_s"],
+           f"whole script {peer_s:.0f} s")]
 
 
 if __name__ == "__main__":

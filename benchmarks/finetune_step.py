@@ -17,6 +17,8 @@ each reports its median round.
   python benchmarks/finetune_step.py                  # one CPU device (as a plain `me5_jax.train` runs)
   python benchmarks/finetune_step.py --devices 8      # 8 simulated CPU devices (mesh.data=8)
   python benchmarks/finetune_step.py --profile DIR    # also a jax.profiler trace of one me5_jax step per layout
+  python benchmarks/finetune_step.py --no_peer --layouts packed,packed:attention_dropout=0.0,packed:xla_cpu_options=
+      # trade-offs: attention-probability dropout off (jax.nn.dot_product_attention), XLA:CPU's YNNPACK fusions on
 """
 from __future__ import annotations
 
@@ -119,13 +121,16 @@ def build_runner(name: str, args, root: str, model_dir: str, tokenizer: Tokenize
   if name == PEER:
     run, sync, peer_tokens = torch_runner(model_dir, pairs_per_batch)
     return run, sync, float(np.mean(peer_tokens))
-  layout = name.split()[-1]
+  layout, _, overrides = name.split()[-1].partition(":")
   pre = PreprocessConfig(max_query_length=128, max_passage_length=128, prefixes={"": ("", "")},
                          pack_rows=layout == "packed", row_multiple=args.devices)
   batcher = Batcher(tokenizer, pre)
   batches = [batcher([q for q, _ in pb], [p for _, p in pb]) for pb in pairs_per_batch]
   config = step_config(args.devices)
   config.init_checkpoint = model_dir
+  for override in filter(None, overrides.split(",")):  # e.g. packed:attention_dropout=0.0
+    key, _, value = override.partition("=")
+    config[key] = type(config[key])(value)  # float or str keys
   run, sync = trainer_step(config, batches)
   tokens = np.mean([b["packed_ids"].size if layout == "packed" else b["query_ids"].size + b["passage_ids"].size
                     for b in batches])
@@ -198,7 +203,9 @@ def main() -> None:
   parser.add_argument("--devices", type=int, default=1, help="simulated CPU devices (mesh.data)")
   parser.add_argument("--batches", type=int, default=2, help="real batches cycled per round")
   parser.add_argument("--rounds", type=int, default=3)
-  parser.add_argument("--layouts", default="padded,packed", help="me5_jax layouts to time")
+  parser.add_argument("--layouts", default="padded,packed",
+                      help="me5_jax layouts to time, each optionally with config overrides: "
+                           "'packed:attention_dropout=0.0', 'packed:xla_cpu_options='")
   parser.add_argument("--no_peer", action="store_true", help="me5_jax only")
   parser.add_argument("--profile", default="", help="a jax.profiler trace of one step per layout under this folder")
   parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
@@ -214,7 +221,7 @@ def main() -> None:
   argv = ["--devices", str(args.devices), "--batches", str(args.batches)]
   workers, ready = [], {}
   for name in names:  # started one at a time: their warm-up compiles do not compete
-    profile_dir = os.path.join(args.profile, name.split()[-1]) if args.profile and name != PEER else ""
+    profile_dir = os.path.join(args.profile, name.split()[-1].replace(":", "_")) if args.profile and name != PEER else ""
     workers.append(Worker(name, argv, profile_dir))
     ready[name] = workers[-1].answer()
   start = time.time()
@@ -232,16 +239,16 @@ def main() -> None:
   for name in names:
     print(f"  {name}: {ready[name]['where']}")
   ref = med.get(PEER)
-  print(f"| {'path':22} | {'s/step':>7} | {'tokens encoded/step':>19} | {'first steps (compile)':>21} | "
+  print(f"| {'path':40} | {'s/step':>7} | {'tokens encoded/step':>19} | {'first steps (compile)':>21} | "
         f"{'peer time / time':>16} |")
-  print(f"|{'-' * 24}|{'-' * 9}|{'-' * 21}|{'-' * 23}|{'-' * 18}|")
+  print(f"|{'-' * 42}|{'-' * 9}|{'-' * 21}|{'-' * 23}|{'-' * 18}|")
   for name, s in med.items():
     ratio = f"{ref / s:15.2f}x" if ref else f"{'-':>16}"
-    print(f"| {name:22} | {s:7.2f} | {ready[name]['tokens']:19.0f} | {ready[name]['first_s']:20.1f}s | {ratio} |")
+    print(f"| {name:40} | {s:7.2f} | {ready[name]['tokens']:19.0f} | {ready[name]['first_s']:20.1f}s | {ratio} |")
   for name in names:
     if args.profile and name != PEER:
       print(f"\ntop operations, {name} (one step):")
-      print(profiling.format_top_ops(profiling.top_ops(os.path.join(args.profile, name.split()[-1])), 15))
+      print(profiling.format_top_ops(profiling.top_ops(os.path.join(args.profile, name.split()[-1].replace(":", "_"))), 15))
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.attention_impl = "auto"
   c.attention_dropout = -1.0           # dropout on attention probabilities; -1 = the checkpoint's (mE5: 0.1)
   # XLA:CPU compiler options for the train step ("name=value ..."; ignored on GPU/TPU). Default: XLA's own dot
-  # emitter instead of its YNNPACK fusions, 11 % faster on the real mE5-small step (BENCHMARKS.md "finetune_step").
+  # emitter instead of its YNNPACK fusions, ~11 % faster on the real mE5-small step (BENCHMARKS.md "finetune_step").
   c.xla_cpu_options = "xla_cpu_experimental_ynn_fusion_type="
   c.loss = ml_collections.ConfigDict(dict(
       terms=("qp",), false_negative_masking=True, kd_alpha=0.2, teacher_temperature=1.0,
