@@ -120,7 +120,9 @@ def save_model_info(workdir: str, enc_cfg: EncoderConfig, tokenizer_dir: str) ->
     if os.path.exists(src) and os.path.abspath(src) != os.path.abspath(os.path.join(out, name)):
       shutil.copyfile(src, os.path.join(out, name))
   with open(os.path.join(out, "encoder.json"), "w", encoding="utf-8") as f:
-    json.dump(dataclasses.asdict(enc_cfg), f, indent=2)
+    # The attention kernel is the running machine's choice (cuDNN on a GPU), not the model's: stored as XLA,
+    # so export and evaluation load the run anywhere.
+    json.dump(dataclasses.asdict(enc_cfg.replace(attention_impl="xla")), f, indent=2)
     f.write("\n")
 
 

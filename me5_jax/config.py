@@ -35,11 +35,12 @@ def base_config() -> ml_collections.ConfigDict:
   # Attention kernel: "xla" (jax.nn.dot_product_attention's XLA path), "cudnn" (the fused GPU kernel), or
   # "auto" (cudnn on a GPU where it is eligible: bf16, head size a multiple of 8 up to 128; else xla).
   # A fused kernel cannot drop attention probabilities, so while attention_dropout > 0 training steps use
-  # the explicit XLA softmax with dropout (BENCHMARKS.md "attention" measures the trade-off).
+  # the explicit XLA softmax with dropout (the trade-off: BENCHMARKS.md "train_step" on GPU, "finetune_step" on CPU).
   c.attention_impl = "auto"
   c.attention_dropout = -1.0           # dropout on attention probabilities; -1 = the checkpoint's (mE5: 0.1)
   # XLA:CPU compiler options for the train step ("name=value ..."; ignored on GPU/TPU). Default: XLA's own dot
-  # emitter instead of its YNNPACK fusions, ~11 % faster on the real mE5-small step (BENCHMARKS.md "finetune_step").
+  # emitter instead of its YNNPACK fusions, ~10 % faster on the real mE5-small step in a one-off A/B
+  # (BENCHMARKS.md "finetune_step"; `--layouts packed,packed:xla_cpu_options=` reruns the comparison).
   c.xla_cpu_options = "xla_cpu_experimental_ynn_fusion_type="
   c.loss = ml_collections.ConfigDict(dict(
       terms=("qp",), false_negative_masking=True, kd_alpha=0.2, teacher_temperature=1.0,

@@ -88,10 +88,6 @@ def main(argv) -> None:
   logging.basicConfig(level=logging.INFO if jax.process_index() == 0 else logging.WARNING, force=True,
                       format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
   logging.getLogger("absl").setLevel(logging.WARNING)
-  if "://" in FLAGS.workdir:  # os.path would quietly make a local folder named "gs:" on every host
-    sys.exit(f"me5_jax.train: --workdir {FLAGS.workdir}: URLs are not supported; every process needs the same "
-             "directory, e.g. a bucket mounted with gcsfuse (launch/tpu_pod.sh --workdir gs://... mounts it on "
-             "every worker) or an NFS share")
   compile_cache.enable()
   try:
     train_and_evaluate(FLAGS.config, FLAGS.workdir)
@@ -120,6 +116,10 @@ def train_and_evaluate(config, workdir: str) -> None:
   from me5_jax.tokenize import Tokenizer
 
   is_main = jax.process_index() == 0
+  if "://" in workdir:  # os.path would quietly make a local folder named "gs:" on every host
+    raise TrainError(f"--workdir {workdir}: URLs are not supported; every process needs the same directory, "
+                     "e.g. a bucket mounted with gcsfuse (launch/tpu_pod.sh --workdir gs://... mounts it on every "
+                     "worker) or an NFS share")
   workdir = os.path.abspath(workdir)
   # ================================================================================ Config & mesh
   try:  # bad input: one line naming the key or file, before anything is written or compiled

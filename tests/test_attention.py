@@ -108,3 +108,10 @@ def test_attention_impl_auto_picks_cudnn_only_on_gpu_in_half_precision():
   assert ts.encoder_config(base, c).attention_dropout == base.attention_dropout  # -1: the checkpoint's
   c.attention_dropout = 0.0
   assert ts.encoder_config(base, c).attention_dropout == 0.0
+
+
+def test_the_saved_model_info_does_not_pin_the_runs_attention_kernel(tmp_path, minilm_dir):
+  """A GPU run's cuDNN choice must not stop export or evaluation of its workdir on another machine."""
+  from me5_jax import checkpoint
+  checkpoint.save_model_info(str(tmp_path), get_variant("tiny-bert").replace(attention_impl="cudnn"), minilm_dir)
+  assert checkpoint.load_model_info(str(tmp_path))[0].attention_impl == "xla"
