@@ -59,8 +59,8 @@ def main() -> None:
     for chunk in (0, args.chunk_size):
       config = config_lib.base_config()
       config.batch_size, config.gradcache.chunk_size = batch_size, chunk
-      compiled = aot.compile_train_step(enc_cfg, config, query_len=args.query_len,
-                                        passage_len=args.passage_len, group_size=args.group_size)
+      shape = aot.Shape(batch_size, args.query_len, args.passage_len, args.group_size, teacher=False)
+      compiled = aot.compile_train_step(enc_cfg, config, shape)
       peaks.append(aot.MemoryReport.of(compiled).peak)
     loss = loss_only_peak(config, sharding.make_mesh(config), enc_cfg.hidden_size, args.group_size)
     first = first or peaks

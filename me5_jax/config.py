@@ -23,7 +23,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.batch_size = 256                   # global: all hosts' rows together
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-  c.gradcache = ml_collections.ConfigDict(dict(chunk_size=0))  # queries (packed: rows) per batch shard per chunk; 0 = off
+  # GradCache: chunk_size = queries (packed: rows) per batch shard per chunk, 0 = off. Each device sums its
+  # chunks' gradients and they are reduced once per step; reduce_per_chunk = True reduces every chunk's
+  # instead (1/fsdp of a gradient per device instead of a whole one, at chunks × the gradient traffic).
+  c.gradcache = ml_collections.ConfigDict(dict(chunk_size=0, reduce_per_chunk=False))
   c.temperature = 0.01
   c.learning_rate = 1e-4
   c.warmup_steps = 1000
@@ -84,6 +87,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.export_at_end = True               # WORKDIR/export: HF + sentence-transformers folder
   c.peak_flops_per_device = 0.0        # for the MFU estimate; 0 = guess from the device kind
   return c
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """`base_config()`, so that this file is the default of a CLI's `--config` (e.g. `me5_jax.aot`)."""
+  return base_config()
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
@@ -163,6 +171,11 @@ RECIPE = {
     "large": dict(init_checkpoint="xlm-roberta-large", lr=(1e-4, 1e-5), fsdp=-1, remat="full"),
 }
 STAGE1_SOURCES = "wikipedia,mc4,cc_news,nllb,reddit,s2orc,stackexchange,xp3,sbert"
+
+
+def recipe_size(init_checkpoint: str) -> str | None:
+  """The recipe size whose stage-1 init checkpoint this is ("xlm-roberta-large" → "large"), else None."""
+  return next((size for size, r in RECIPE.items() if r["init_checkpoint"] == init_checkpoint), None)
 
 
 def recipe_config(size: str, stage: str = "pretrain") -> ml_collections.ConfigDict:

@@ -16,6 +16,7 @@ from flax import struct
 import jax
 import jax.numpy as jnp
 
+from me5_jax import splash
 from me5_jax.variants import EncoderConfig
 
 Params = Any
@@ -118,12 +119,13 @@ class AttentionMask(struct.PyTreeNode):
   """
   lengths_B: jax.Array | None = None
   keep_Bx1xQxL: jax.Array | None = None   # Q = 1 (a key mask) or L (packed rows)
+  segments_BxL: jax.Array | None = None   # packed rows: 1..S per text, 0 = padding
 
   @classmethod
   def of(cls, mask_BxL, segments_BxL=None, right_padded: bool = False) -> "AttentionMask":
     if segments_BxL is not None:
       return cls(keep_Bx1xQxL=(segments_BxL[:, None, :, None] == segments_BxL[:, None, None, :])
-                 & (segments_BxL[:, None, None, :] > 0))
+                 & (segments_BxL[:, None, None, :] > 0), segments_BxL=segments_BxL)
     if right_padded:
       return cls(lengths_B=jnp.sum(mask_BxL > 0, axis=1, dtype=jnp.int32))
     return cls(keep_Bx1xQxL=(mask_BxL > 0)[:, None, None, :])
@@ -133,6 +135,16 @@ class AttentionMask(struct.PyTreeNode):
     if self.keep_Bx1xQxL is not None:
       return self.keep_Bx1xQxL
     return (jnp.arange(length) < self.lengths_B[:, None])[:, None, None, :]
+
+  def segment_ids(self, length: int):
+    """[B, L] int32 segment ids (me5_jax.splash): packed rows' own, else 1 = a token, 0 = padding. Padding
+    then attends to padding, where the XLA path lets it attend to the text: only padded positions' hidden
+    states differ, which no embedding reads (mean pooling skips them)."""
+    if self.segments_BxL is not None:
+      return self.segments_BxL
+    if self.lengths_B is not None:
+      return (jnp.arange(length) < self.lengths_B[:, None]).astype(jnp.int32)
+    return self.keep_Bx1xQxL[:, 0, 0, :].astype(jnp.int32)
 
 
 def attention_with_dropout(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask: AttentionMask, dropout: nn.Module, token_BxL):
@@ -151,8 +163,8 @@ def attention_with_dropout(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask: AttentionMask,
 
 class SelfAttention(nn.Module):
   """Multi-head self-attention. Without attention-probability dropout (inference, or attention_dropout
-  0) it is jax.nn.dot_product_attention with cfg.attention_impl (XLA, or cuDNN's fused kernel on GPU);
-  with it, `attention_with_dropout`."""
+  0) it is jax.nn.dot_product_attention with cfg.attention_impl (XLA, or cuDNN's fused kernel on GPU) or
+  the splash kernel on TPU (me5_jax.splash); with it, `attention_with_dropout`."""
   cfg: EncoderConfig
 
   @nn.compact
@@ -167,6 +179,8 @@ class SelfAttention(nn.Module):
     if not deterministic and cfg.attention_dropout > 0:
       ctx_BxLxHxK = attention_with_dropout(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask, Dropout(cfg.attention_dropout),
                                            token_BxL)
+    elif cfg.attention_impl == "splash":
+      ctx_BxLxHxK = splash.attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask.segment_ids(x_BxLxD.shape[1]))
     else:
       ctx_BxLxHxK = jax.nn.dot_product_attention(
           q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask=mask.keep_Bx1xQxL, key_value_seq_lengths=mask.lengths_B,

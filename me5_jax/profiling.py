@@ -48,7 +48,10 @@ def top_ops(log_dir: str) -> list[tuple[str, float, int]]:
   profile = jax.profiler.ProfileData.from_file(files[-1])
   total_ns: dict[str, float] = collections.defaultdict(float)
   count: dict[str, int] = collections.Counter()
-  device_planes = [p for p in profile.planes if p.name.startswith("/device:")]
+  # Accelerator planes with op timelines; others named /device: carry none (libtpu adds a "/device:CUSTOM:
+  # Megascale Trace" plane to every trace once it is loaded, also on a CPU run).
+  device_planes = [p for p in profile.planes
+                   if p.name.startswith("/device:") and any(line.name == "XLA Ops" for line in p.lines)]
   for plane in device_planes or profile.planes:
     for line in plane.lines:
       if device_planes and line.name != "XLA Ops":

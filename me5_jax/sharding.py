@@ -15,6 +15,8 @@ before the encoder uses them, i.e. the FSDP all-gather, written out.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import re
 from typing import Any
@@ -120,6 +122,29 @@ def compute_shardings(tree: Any, mesh: Mesh) -> Any:
   return jax.tree_util.tree_map_with_path(
       lambda path, x: NamedSharding(mesh, P(*map(without_fsdp, spec_for(path_str(path), np.shape(x), mesh)))),
       tree)
+
+
+_ROWS_SPLIT_OUTSIDE = contextvars.ContextVar("rows_split_outside", default=False)
+
+
+@contextlib.contextmanager
+def rows_split_by_outer_vmap():
+  """While tracing under it, row axes hold one batch shard's rows: an outer `jax.vmap(...,
+  spmd_axis_name=BATCH_AXES)` (GradCache's per-shard gradients) already splits the batch over the mesh."""
+  token = _ROWS_SPLIT_OUTSIDE.set(True)
+  try:
+    yield
+  finally:
+    _ROWS_SPLIT_OUTSIDE.reset(token)
+
+
+def attention_specs(mesh, num_heads: int) -> tuple[P, P]:
+  """shard_map specs of a per-device attention kernel (me5_jax.splash): [B, H, L, K] operands with rows
+  over data × fsdp (unless an outer vmap holds that split) and heads over tensor (where it divides them,
+  as PARAM_RULES split the q/k/v kernels), and the [B, L] segment ids alike."""
+  rows = None if _ROWS_SPLIT_OUTSIDE.get() else BATCH_AXES
+  heads = "tensor" if mesh.shape["tensor"] > 1 and num_heads % mesh.shape["tensor"] == 0 else None
+  return P(rows, heads, None, None), P(rows, None)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

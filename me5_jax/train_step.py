@@ -24,11 +24,13 @@ rows from each of the data × fsdp shards (C·data·fsdp queries and their G pas
 sharded over the mesh and per-device activation memory depends on C only. Pass 1 embeds the chunks
 without keeping activations; the loss and its gradient w.r.t. the global embeddings are taken on the
 gathered batch; pass 2 re-encodes chunk by chunk under `jax.vjp` with those embedding gradients and sums
-the param gradients (a `lax.scan`, so one chunk's activations are live at a time). Packed batches chunk
+the param gradients (a `lax.scan`, so one chunk's activations are live at a time), each batch shard
+into its own partial sum, reduced once after the loop (`gradcache.reduce_per_chunk` reduces every chunk). Packed batches chunk
 their packed rows the same way (C rows per shard; the data pipeline rounds R to a multiple of C·shards).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any, Callable
 
@@ -60,12 +62,14 @@ def encoder_config(base: EncoderConfig, config: ml_collections.ConfigDict, platf
                    ) -> EncoderConfig:
   """The variant (or checkpoint) config with the step's precision, remat and attention choices; params stay
   fp32. attention_impl "auto" picks cuDNN's fused kernel on a GPU where it is eligible (half precision,
-  head size a multiple of 8 up to 128) and XLA elsewhere; attention_dropout -1 keeps the checkpoint's."""
+  head size a multiple of 8 up to 128), the splash kernel on TPU, and XLA elsewhere; attention_dropout -1
+  keeps the checkpoint's (while it is > 0, training steps use the explicit softmax with dropout)."""
   impl = config.attention_impl
   if impl == "auto":
     head_size = base.hidden_size // base.num_heads
     eligible = config.dtype == "bfloat16" and head_size % 8 == 0 and head_size <= 128
-    impl = "cudnn" if eligible and (platform or jax.default_backend()) == "gpu" else "xla"
+    platform = platform or jax.default_backend()
+    impl = "splash" if platform == "tpu" else "cudnn" if eligible and platform == "gpu" else "xla"
   dropout = base.attention_dropout if config.attention_dropout < 0 else config.attention_dropout
   return base.replace(dtype=config.dtype, remat=config.remat, param_dtype="float32", attention_impl=impl,
                       attention_dropout=dropout)
@@ -211,12 +215,19 @@ _PACKED_KEYS = ("packed_ids", "packed_segments")
 
 
 def compute_grads(params: Any, batch: Batch, dropout_rng: jax.Array | None, *, enc_cfg: EncoderConfig,
-                  loss_cfg: losses.LossConfig, mesh: Mesh, chunk_size: int = 0
+                  loss_cfg: losses.LossConfig, mesh: Mesh, chunk_size: int = 0, reduce_per_chunk: bool = False
                   ) -> tuple[dict[str, jax.Array], Any]:
   """(loss metrics, grads) of the global batch; GradCache when chunk_size > 0. Traceable, not jitted.
 
   Both layouts go through (rows → embeddings → loss): padded rows embed to (q_BxD, p_BxGxD), packed rows
   to slot embeddings [R, S, D] that `unpack_slots` turns into the same pair."""
+  # A Pallas kernel (splash attention) runs per device under shard_map, which takes the mesh from context.
+  with (jax.sharding.use_abstract_mesh(mesh.abstract_mesh) if enc_cfg.attention_impl == "splash"
+        else contextlib.nullcontext()):
+    return _compute_grads(params, batch, dropout_rng, enc_cfg, loss_cfg, mesh, chunk_size, reduce_per_chunk)
+
+
+def _compute_grads(params, batch, dropout_rng, enc_cfg, loss_cfg, mesh, chunk_size, reduce_per_chunk):
   packed = is_packed(batch)
   rows = {k: batch[k] for k in (_PACKED_KEYS if packed else _TOKEN_KEYS)} | _text_ids(batch)
   embed_fn = functools.partial(_embed_packed_rows if packed else _embed_rows, dropout_rng=dropout_rng,
@@ -228,10 +239,10 @@ def compute_grads(params: Any, batch: Batch, dropout_rng: jax.Array | None, *, e
   if not chunk_size:
     (_, metrics), grads = jax.value_and_grad(lambda p: loss_of(embed_fn(p, rows)), has_aux=True)(params)
     return metrics, grads
-  return _gradcache(params, rows, embed_fn, loss_of, mesh, chunk_size)
+  return _gradcache(params, rows, embed_fn, loss_of, mesh, chunk_size, reduce_per_chunk)
 
 
-def _gradcache(params, rows, embed_fn, loss_of, mesh, chunk_size):
+def _gradcache(params, rows, embed_fn, loss_of, mesh, chunk_size, reduce_per_chunk):
   """rows: arrays with a leading row axis (queries, or packed rows) and more rows per query (passages);
   chunk c takes rows c·C..(c+1)·C of every shard."""
   n = sharding.num_batch_shards(mesh)
@@ -255,16 +266,32 @@ def _gradcache(params, rows, embed_fn, loss_of, mesh, chunk_size):
 
   # Pass 2: re-encode each chunk (same rows, same dropout keys → same embeddings) and pull the
   # embedding gradients back to the params; the sum over chunks is the gradient of the global loss.
-  param_shardings = sharding.tree_shardings(params, mesh)
+  # By default every batch shard sums its own chunks' gradients on its devices (a vmap over the shards
+  # keeps the partial sums apart: a full fp32 gradient per device) and the shards' sums are reduced once,
+  # after the loop. Summing into the params' sharding instead (`reduce_per_chunk`, ZeRO-3's memory: 1/fsdp
+  # of a gradient per device) reduces every chunk's gradients, the whole embedding gradient included,
+  # which XLA:TPU does as an all-reduce per chunk (BENCHMARKS.md "tpu_aot").
+  if reduce_per_chunk:
+    slices, slice_axes, specs = 1, None, sharding.tree_shardings(params, mesh)
+  else:
+    slices, slice_axes, specs = n, sharding.BATCH_AXES, sharding.compute_shardings(params, mesh)
+  sums_shardings = jax.tree.map(lambda s: NamedSharding(mesh, P(slice_axes, *s.spec)), specs)
+  by_slice = lambda x: x.reshape((slices, -1) + x.shape[1:])  # noqa: E731  [n·C, ...] → [slices, n·C/slices, ...]
 
-  def accumulate(grads, chunk_and_cotangents):
-    chunk, d_emb_chunk = chunk_and_cotangents
-    _, vjp = jax.vjp(lambda p: embed_fn(p, chunk), params)
-    (g,) = vjp(d_emb_chunk)
-    return jax.lax.with_sharding_constraint(jax.tree.map(jnp.add, grads, g), param_shardings), None
+  def slice_grads(chunk, d_emb_chunk):
+    with sharding.rows_split_by_outer_vmap() if slice_axes else contextlib.nullcontext():
+      _, vjp = jax.vjp(lambda p: embed_fn(p, chunk), params)
+      return vjp(d_emb_chunk)[0]
 
-  zeros = jax.tree.map(jnp.zeros_like, params)
-  grads, _ = jax.lax.scan(accumulate, zeros, (chunks, jax.tree.map(to_chunks, d_emb)))
+  def accumulate(sums, chunk_and_cotangents):
+    g = jax.vmap(slice_grads, spmd_axis_name=slice_axes)(*jax.tree.map(by_slice, chunk_and_cotangents))
+    return jax.lax.with_sharding_constraint(jax.tree.map(jnp.add, sums, g), sums_shardings), None
+
+  zeros = jax.lax.with_sharding_constraint(
+      jax.tree.map(lambda p: jnp.zeros((slices,) + p.shape, p.dtype), params), sums_shardings)
+  sums, _ = jax.lax.scan(accumulate, zeros, (chunks, jax.tree.map(to_chunks, d_emb)))
+  grads = jax.lax.with_sharding_constraint(jax.tree.map(lambda s: s.sum(0), sums),
+                                           sharding.tree_shardings(params, mesh))
   return metrics, grads
 
 
@@ -278,7 +305,8 @@ def make_train_step(enc_cfg: EncoderConfig, config: ml_collections.ConfigDict, m
   tx, schedule = make_optimizer(config), learning_rate_schedule(config)
   loss_cfg, dropout_stream = loss_config(config), _rngs(config.seed)[1]
   grads_fn = functools.partial(compute_grads, enc_cfg=enc_cfg, loss_cfg=loss_cfg, mesh=mesh,
-                               chunk_size=config.gradcache.chunk_size)
+                               chunk_size=config.gradcache.chunk_size,
+                               reduce_per_chunk=config.gradcache.reduce_per_chunk)
 
   def train_step(state: TrainState, batch: Batch):
     metrics, grads = grads_fn(state.params, batch, jax.random.fold_in(dropout_stream, state.step))

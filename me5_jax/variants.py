@@ -12,7 +12,7 @@ from typing import Any
 ARCHS = ("bert", "xlmr")
 HF_MODEL_TYPES = {"bert": "bert", "xlm-roberta": "xlmr", "roberta": "xlmr"}
 REMAT_POLICIES = ("none", "full", "dots")
-ATTENTION_IMPLS = ("auto", "xla", "cudnn")  # config key attention_impl; EncoderConfig holds xla or cudnn
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")  # config key attention_impl; EncoderConfig holds the last three
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +34,7 @@ class EncoderConfig:
   dtype: str = "float32"        # compute dtype of activations and matmuls
   param_dtype: str = "float32"  # dtype the master parameters are stored in
   remat: str = "none"           # rematerialisation of each layer: none | full | dots
-  attention_impl: str = "xla"   # jax.nn.dot_product_attention implementation: xla | cudnn
+  attention_impl: str = "xla"   # xla | cudnn (jax.nn.dot_product_attention) | splash (me5_jax.splash, TPU)
 
   def __post_init__(self):
     if self.arch not in ARCHS:

@@ -1,4 +1,4 @@
-"""Test setup: 8 simulated CPU devices, a persistent compile cache, and the real artifacts.
+"""Test setup: 8 simulated CPU devices (CPU backend only), a persistent compile cache, and the real artifacts.
 
 Real checkpoints and text come from `../shared/realdata/fetch.sh` (run by `.ci/run` into
 `.cache/realdata`); `ME5_REALDATA` points elsewhere. Tests that need them skip, naming what is missing.
@@ -12,6 +12,10 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(REPO, ".cache", 
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# libtpu (the tpu-aot extra, for tests/test_tpu_aot.py) is installed: subprocesses stay on the CPU backend,
+# and processes that do load it (topology compiles) may do so side by side.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax  # noqa: E402
 

@@ -5,7 +5,7 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
-source launch/setup_env.sh cpu,data,torch,test
+source launch/setup_env.sh cpu,data,torch,test,tpu-aot
 REALDATA=${ME5_REALDATA:-$ROOT/.cache/realdata}
 FETCH="$ROOT/../shared/realdata/fetch.sh"
 if [ -f "$FETCH" ] && [ ! -f "$REALDATA/bible_pd.tsv" ]; then

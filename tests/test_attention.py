@@ -104,7 +104,6 @@ def test_attention_impl_auto_picks_cudnn_only_on_gpu_in_half_precision():
   c.dtype = "bfloat16"
   assert ts.encoder_config(base, c, platform="gpu").attention_impl == "cudnn"
   assert ts.encoder_config(base, c, platform="cpu").attention_impl == "xla"
-  assert ts.encoder_config(base, c, platform="tpu").attention_impl == "xla"
   assert ts.encoder_config(base, c).attention_dropout == base.attention_dropout  # -1: the checkpoint's
   c.attention_dropout = 0.0
   assert ts.encoder_config(base, c).attention_dropout == 0.0
@@ -115,3 +114,37 @@ def test_the_saved_model_info_does_not_pin_the_runs_attention_kernel(tmp_path, m
   from me5_jax import checkpoint
   checkpoint.save_model_info(str(tmp_path), get_variant("tiny-bert").replace(attention_impl="cudnn"), minilm_dir)
   assert checkpoint.load_model_info(str(tmp_path))[0].attention_impl == "xla"
+
+
+@pytest.mark.parametrize("variant", ["tiny-bert", "tiny-xlmr"])
+@pytest.mark.parametrize("layout", ["padded", "right-padded", "packed"])
+def test_splash_kernel_in_interpret_mode_equals_the_xla_path(variant, layout):
+  """attention_impl="splash" (me5_jax.splash: Pallas splash attention, run in interpret mode off TPU), with
+  padding and packed texts as segment ids, against the XLA path: hidden states of every real token and the
+  pooled embeddings to 1e-5 in fp32. Row lengths 40 and 32 are padded to the kernel's 128-token blocks."""
+  cfg = get_variant(variant)
+  params = enc.init_params(cfg, jax.random.key(0))
+  rows = token_rows(6, 40)
+  if layout != "packed":
+    ids, mask = padded(rows, 40, cfg.pad_token_id)
+    kw = dict(right_padded=layout == "right-padded")
+    segments = None
+  else:
+    ids, segments, _ = pack_token_rows(rows, 48, cfg.pad_token_id)
+    mask, kw = segments > 0, dict(segments_BxL=segments)
+  states = lambda c: np.asarray(enc.hidden_states(params, ids, mask, c, None, **kw))  # noqa: E731
+  xla, spl = states(cfg), states(cfg.replace(attention_impl="splash"))
+  valid = np.asarray(mask) > 0
+  np.testing.assert_allclose(spl[valid], xla[valid], rtol=0, atol=1e-5)
+  if segments is None:
+    np.testing.assert_allclose(np.asarray(enc.embed(params, ids, mask, cfg.replace(attention_impl="splash"), **kw)),
+                               np.asarray(enc.embed(params, ids, mask, cfg, **kw)), rtol=0, atol=1e-5)
+
+
+def test_attention_impl_auto_picks_splash_on_tpu():
+  from me5_jax import config as config_lib
+  from me5_jax import train_step as ts
+  c = config_lib.base_config()
+  assert ts.encoder_config(get_variant("small"), c, platform="tpu").attention_impl == "splash"
+  c.attention_impl = "xla"
+  assert ts.encoder_config(get_variant("small"), c, platform="tpu").attention_impl == "xla"

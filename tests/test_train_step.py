@@ -94,7 +94,8 @@ def sharded_grads(params, batch, enc_cfg, config, dropout_rng=None):
   mesh = sharding.make_mesh(config)
   ts.check_config(config, mesh)
   fn = jax.jit(lambda p, b, r: ts.compute_grads(p, b, r, enc_cfg=enc_cfg, loss_cfg=ts.loss_config(config),
-                                                 mesh=mesh, chunk_size=config.gradcache.chunk_size))
+                                                 mesh=mesh, chunk_size=config.gradcache.chunk_size,
+                                                 reduce_per_chunk=config.gradcache.reduce_per_chunk))
   metrics, grads = fn(jax.device_put(params, sharding.tree_shardings(params, mesh)),
                       sharding.shard_batch(batch, mesh), dropout_rng)
   return jax.device_get(metrics), jax.device_get(grads)
@@ -136,9 +137,13 @@ def plain_with_dropout(params, batch, enc_cfg):
   return sharded_grads(params, batch, enc_cfg, step_config((2, 2, 2)), jax.random.key(7))
 
 
-@pytest.mark.parametrize("chunk_size", [1, 2, 4])  # per-shard batch is 16 / (2·2) = 4: 4 is the whole batch
-def test_gradcache_equals_plain_step_with_dropout(chunk_size, params, batch, enc_cfg, plain_with_dropout):
-  metrics, grads = sharded_grads(params, batch, enc_cfg, step_config((2, 2, 2), chunk_size), jax.random.key(7))
+# per-shard batch is 16 / (2·2) = 4: 4 is the whole batch; reduce_per_chunk: gradients reduced every chunk
+@pytest.mark.parametrize("chunk_size, reduce_per_chunk", [(1, False), (2, False), (4, False), (2, True)])
+def test_gradcache_equals_plain_step_with_dropout(chunk_size, reduce_per_chunk, params, batch, enc_cfg,
+                                                  plain_with_dropout):
+  config = step_config((2, 2, 2), chunk_size)
+  config.gradcache.reduce_per_chunk = reduce_per_chunk
+  metrics, grads = sharded_grads(params, batch, enc_cfg, config, jax.random.key(7))
   plain_metrics, plain_grads = plain_with_dropout
   for k in ("loss", "loss_kd", "loss_contrastive", "accuracy", "num_negatives"):
     assert abs(float(metrics[k]) - float(plain_metrics[k])) <= TOL * abs(float(plain_metrics[k])), k
@@ -221,7 +226,7 @@ def test_aot_compile_counts_the_sharded_state(enc_cfg):
   """The AOT memory analysis, without allocating: its argument bytes are the per-device shards of the
   state and batch (the same step and shapes as the train-step test above, so the compile cache hits)."""
   config = step_config((4, 2, 1), chunk_size=1, learning_rate=1e-3, warmup_steps=1, total_steps=10)
-  compiled = aot.compile_train_step(enc_cfg, config, query_len=L, passage_len=L, group_size=G, teacher=True)
+  compiled = aot.compile_train_step(enc_cfg, config, aot.Shape(B, L, L, G, teacher=True))
   report = aot.MemoryReport.of(compiled)
   mesh = sharding.make_mesh(config)
   shards = jax.tree.leaves(ts.abstract_train_state(enc_cfg, config, mesh)) + jax.tree.leaves(
@@ -270,3 +275,16 @@ def test_packed_batch_draws_the_padded_dropout_masks(params, batch, enc_cfg, pla
   plain_metrics, plain_grads = plain_with_dropout
   assert abs(float(metrics["loss"]) - float(plain_metrics["loss"])) <= TOL * abs(float(plain_metrics["loss"]))
   assert_grads_close(grads, plain_grads)
+
+
+@pytest.mark.parametrize("chunk_size", [0, 1])
+def test_splash_attention_gives_the_xla_paths_gradients_on_a_sharded_mesh(chunk_size, params, batch, enc_cfg):
+  """attention_impl="splash" inside the sharded step: the Pallas kernel (interpret mode on CPU) runs per
+  device under shard_map (rows over data × fsdp, heads over tensor), also inside GradCache's per-shard vmap;
+  loss and gradients equal the XLA path's (attention dropout off: the kernel has none)."""
+  no_dropout = enc_cfg.replace(attention_dropout=0.0)
+  config = step_config((2, 2, 2), chunk_size)
+  xla_metrics, xla_grads = sharded_grads(params, batch, no_dropout, config)
+  metrics, grads = sharded_grads(params, batch, no_dropout.replace(attention_impl="splash"), config)
+  assert abs(float(metrics["loss"]) - float(xla_metrics["loss"])) <= TOL * abs(float(xla_metrics["loss"]))
+  assert_grads_close(grads, xla_grads)
