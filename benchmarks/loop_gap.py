@@ -5,14 +5,16 @@ Bible batches over 8 simulated CPU devices, ~tens of ms a step) shows what a GPU
 any host work the loop does between steps (building and copying the next batch, reading metrics) is
 device idle time. Three loops over the same batches, in one process:
 
-  back to back   the step dispatched N times on batches already on the devices, one wait at the end:
-                 the device-bound floor
-  synchronous    the loop before this round: dispatch, build the next host batch, read the step's
+  back to back   the step dispatched N times on batches already on the devices, at most 2 (the device
+                 floor) or 1 steps in flight (`me5_jax.dispatch`; never unbounded: XLA:CPU deadlocks
+                 past 32 queued 8-device steps)
+  synchronous    the loop before round 3: dispatch, build the next host batch, read the step's
                  metrics (waits for it), then copy the next batch and dispatch
-  trainer        `me5_jax.train.train_and_evaluate` (metrics read one step late, batches prefetched onto
-                 the devices by `inputs.DeviceFeed`), timed from its metrics.jsonl
+  trainer        `me5_jax.train.train_and_evaluate` with `steps_in_flight` 2 (metrics read one step
+                 late) and 1 (the default on CPU with several devices), batches prefetched onto the
+                 devices by `inputs.DeviceFeed`, timed from its metrics.jsonl
 
-gap = loop ms/step − back-to-back ms/step.
+gap = loop ms/step − back-to-back (≤ 2 in flight) ms/step.
 
   python benchmarks/loop_gap.py              # 60 steps each, ~2 minutes
 """
@@ -36,7 +38,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from configs.demo import get_config  # noqa: E402
-from me5_jax import inputs, sharding, train  # noqa: E402
+from me5_jax import dispatch, inputs, sharding, train  # noqa: E402
 from me5_jax import train_step as ts  # noqa: E402
 from me5_jax.tokenize import Tokenizer  # noqa: E402
 
@@ -73,24 +75,29 @@ def main() -> None:
   def fresh():
     return ts.init_train_state(enc_cfg, config, mesh, load_params()), inputs.input_pipeline(config, tokenizer, mesh)
 
-  # Back to back: the batches are on the devices before the clock starts.
+  # Back to back: the batches are on the devices before the clock starts; at most `limit` steps in flight
+  # (dispatch.InFlight: unbounded, XLA:CPU deadlocks past 32 queued 8-device steps).
   state, pipeline = fresh()
   device_batches = [sharding.shard_batch(next(pipeline), mesh) for _ in range(args.steps)]
-  for b in device_batches[:3]:  # compiles (one program per packed row count)
-    state, metrics = step_fn(state, b)
-  jax.block_until_ready(metrics)
   seen = set()
-  for b in device_batches:  # every shape compiled before timing
-    shape = b["packed_ids"].shape
-    if shape not in seen:
-      seen.add(shape)
+  for b in device_batches:  # every shape (one program per packed row count) compiled before timing
+    if b["packed_ids"].shape not in seen:
+      seen.add(b["packed_ids"].shape)
       state, metrics = step_fn(state, b)
-  jax.block_until_ready(metrics)
-  start = time.perf_counter()
-  for b in device_batches:
-    state, metrics = step_fn(state, b)
-  jax.block_until_ready(metrics)
-  back_to_back = (time.perf_counter() - start) / args.steps
+      jax.block_until_ready(metrics)
+
+  def back_to_back(limit: int) -> float:
+    nonlocal state
+    in_flight = dispatch.InFlight(limit)
+    start = time.perf_counter()
+    for b in device_batches:
+      in_flight.admit()
+      state, metrics = step_fn(state, b)
+      in_flight.add(metrics)
+    in_flight.drain()
+    return (time.perf_counter() - start) / args.steps
+
+  floor = {limit: back_to_back(limit) for limit in (2, 1)}
 
   # Synchronous: the loop as it was (host batch built during the step, metrics read before the next dispatch).
   state, pipeline = fresh()
@@ -103,20 +110,27 @@ def main() -> None:
     metrics = jax.device_get(metrics)
   synchronous = (time.perf_counter() - start) / args.steps
 
-  # The trainer, in-process; its per-interval step times after the first interval (compile, evals).
-  workdir = os.path.join(root, "run")
-  train.train_and_evaluate(config, workdir)
-  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
-    times = [json.loads(line)["step_time_s"] for line in f if '"step_time_s"' in line]
-  trainer = statistics.median(times[1:])
+  def trainer(limit: int) -> float:
+    """The trainer in-process with `steps_in_flight=limit`; its per-interval step times after the first
+    interval (compile, evals)."""
+    workdir = os.path.join(root, f"run{limit}")
+    run_config = config.copy_and_resolve_references()
+    run_config.steps_in_flight = limit
+    train.train_and_evaluate(run_config, workdir)
+    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+      times = [json.loads(line)["step_time_s"] for line in f if '"step_time_s"' in line]
+    return statistics.median(times[1:])
 
+  rows = [("back to back, ≤ 2 in flight (device floor)", floor[2]), ("back to back, ≤ 1 in flight", floor[1]),
+          ("synchronous (the loop before round 3)", synchronous)]
+  rows += [(f"trainer, steps_in_flight={limit}{' (default here)' if limit == dispatch.max_in_flight() else ''}",
+            trainer(limit)) for limit in (2, 1)]
   print(f"tiny BERT (2×32), configs/demo.py batches (64 Bible pairs, packed), {jax.device_count()} simulated CPU "
         f"devices, {args.steps} steps per loop; jax {jax.__version__}, {os.cpu_count()} cores")
-  print(f"| {'loop':34} | {'ms/step':>8} | {'host gap ms/step':>16} |")
-  print(f"|{'-' * 36}|{'-' * 10}|{'-' * 18}|")
-  for name, sec in (("back to back (device floor)", back_to_back), ("synchronous (the loop before)", synchronous),
-                    ("trainer (train_and_evaluate)", trainer)):
-    print(f"| {name:34} | {1e3 * sec:8.1f} | {1e3 * (sec - back_to_back):16.1f} |")
+  print(f"| {'loop':45} | {'ms/step':>8} | {'host gap ms/step':>16} |")
+  print(f"|{'-' * 47}|{'-' * 10}|{'-' * 18}|")
+  for name, sec in rows:
+    print(f"| {name:45} | {1e3 * sec:8.1f} | {1e3 * (sec - floor[2]):16.1f} |")
   shutil.rmtree(root, ignore_errors=True)
 
 

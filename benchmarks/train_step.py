@@ -40,7 +40,7 @@ from typing import Callable
 import jax
 import numpy as np
 
-from me5_jax import config as config_lib, profiling, sharding
+from me5_jax import config as config_lib, dispatch, profiling, sharding
 from me5_jax import train_step as ts
 from me5_jax.variants import VARIANTS, EncoderConfig
 
@@ -77,12 +77,14 @@ def jax_step(cfg: EncoderConfig, batch: dict[str, np.ndarray], attention_dropout
   state = {"s": ts.init_train_state(cfg, config, mesh)}
   step = ts.make_train_step(cfg, config, mesh)
   device_batch = sharding.shard_batch(batch, mesh)
-  out = {}
+  in_flight = dispatch.InFlight(dispatch.max_in_flight(mesh.devices.flat))
 
   def run():
-    state["s"], out["metrics"] = step(state["s"], device_batch)
+    in_flight.admit()
+    state["s"], metrics = step(state["s"], device_batch)
+    in_flight.add(metrics)
 
-  return run, lambda: jax.block_until_ready(out["metrics"])
+  return run, in_flight.drain
 
 
 def trainer_step(config, batches: list[dict[str, np.ndarray]]) -> tuple[Callable[[], None], Callable[[], None]]:
@@ -95,11 +97,14 @@ def trainer_step(config, batches: list[dict[str, np.ndarray]]) -> tuple[Callable
   box = {"state": ts.init_train_state(enc_cfg, config, mesh, load_params()), "i": 0}
   step = ts.make_train_step(enc_cfg, config, mesh)
   device_batches = [sharding.shard_batch(b, mesh) for b in batches]
+  in_flight = dispatch.InFlight(config.steps_in_flight or dispatch.max_in_flight(mesh.devices.flat))
 
   def run():
-    box["state"], box["metrics"] = step(box["state"], device_batches[box["i"] % len(device_batches)])
+    in_flight.admit()  # the trainer's bound on steps in flight (me5_jax.dispatch)
+    box["state"], metrics = step(box["state"], device_batches[box["i"] % len(device_batches)])
+    in_flight.add(metrics)
     box["i"] += 1
-  return run, lambda: jax.block_until_ready(box["metrics"])
+  return run, in_flight.drain
 
 
 def torch_step(cfg: EncoderConfig, batch: dict[str, np.ndarray], device: str, compile_model: bool = False

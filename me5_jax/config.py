@@ -73,6 +73,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.use_teacher = True                 # finetune: KL to the teacher scores + loss.kd_alpha * InfoNCE
   # Loop, logging, checkpoints, profiles.
   c.prefetch_batches = 2               # global batches already on the devices ahead of the step (1 or 2)
+  c.steps_in_flight = 0                # steps dispatched and not yet read (1 or 2); 0 = me5_jax.dispatch's bound
   c.profile_steps = ""                 # "START,COUNT": jax.profiler trace of those steps in WORKDIR/profile
   c.log_every_steps = 10
   c.checkpoint_every_steps = 500
@@ -108,6 +109,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   need(c.attention_dropout == -1 or 0 <= c.attention_dropout < 1, "attention_dropout",
        "must be -1 (the checkpoint's) or in [0, 1)")
   need(c.prefetch_batches in (1, 2), "prefetch_batches", "must be 1 or 2")
+  need(c.steps_in_flight in (0, 1, 2), "steps_in_flight", "must be 0 (auto), 1 or 2")
   need(all(part.startswith("xla_") and "=" in part for part in c.xla_cpu_options.split()), "xla_cpu_options",
        'must be space-separated "xla_...=value" options')
   need(c.dtype in ("float32", "bfloat16"), "dtype", "must be float32 or bfloat16")

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from me5_jax import encoder as enc
+from me5_jax import dispatch, encoder as enc
 from me5_jax import hf_io
 from me5_jax.tokenize import PAD_MULTIPLE, Tokenizer, round_up, with_prefix
 from me5_jax.variants import EncoderConfig
@@ -58,25 +58,25 @@ class Embedder:
     order = np.argsort([-len(r) for r in rows], kind="stable")
     start, last_report = time.time(), 0.0
 
-    def fetch(idx, emb_BxD):
+    def fetch(done):
+      idx, emb_BxD = done
       out_NxD[idx] = np.asarray(emb_BxD)[:len(idx)]
 
-    pending = None  # the batch in flight: dispatching the next one before fetching it hides the copy
+    # With 2 in flight the next batch is dispatched before the last one is fetched, which hides the copy.
+    devices = jax.tree.leaves(self.params)[0].devices()  # where each batch is encoded
+    in_flight = dispatch.InFlight(dispatch.max_in_flight(devices), finish=fetch)
     for b in range(0, len(order), batch_size):
       idx = order[b:b + batch_size]
       batch_rows = [rows[i] for i in idx]
       batch_rows += [[self.tokenizer.pad_id]] * (batch_size - len(idx))  # fixed batch shape
       length = bucket_length(max(len(r) for r in batch_rows), max_length)
       ids_BxL, mask_BxL = self.tokenizer.pad(batch_rows, length)
-      emb_BxD = _embed_jit(self.params, ids_BxL, mask_BxL, self.cfg)
-      if pending is not None:
-        fetch(*pending)
-      pending = (idx, emb_BxD)
+      in_flight.admit()
+      in_flight.add((idx, _embed_jit(self.params, ids_BxL, mask_BxL, self.cfg)))
       if progress and time.time() - last_report > 5:
         last_report = time.time()
         done = min(b + batch_size, len(order))
         print(f"embedded {done}/{len(order)} texts ({done / (last_report - start):.0f}/s)",
               file=sys.stderr, flush=True)
-    if pending is not None:
-      fetch(*pending)
+    in_flight.drain()
     return out_NxD

@@ -111,7 +111,7 @@ def train_and_evaluate(config, workdir: str) -> None:
   import numpy as np
   from jax.experimental import multihost_utils
 
-  from me5_jax import checkpoint, config as config_lib, evals, export, inputs, profiling, sharding, train_step
+  from me5_jax import checkpoint, config as config_lib, dispatch, evals, export, inputs, profiling, sharding, train_step
   from me5_jax.metric_writer import MetricWriter, batch_flops, peak_flops
   from me5_jax.tokenize import Tokenizer
 
@@ -177,21 +177,15 @@ def train_and_evaluate(config, workdir: str) -> None:
       writer.write(step, results, prefix="eval/")
       log.info("eval %s step %d: %s", tag, step, evaluator.summary(results))
 
-  def close() -> None:
-    ckpt.close()  # lets earlier (good) saves finish
-    writer.close()
-    feed.close()
-
   def stop_non_finite(step: int, what: str) -> None:
-    close()  # nothing of this step is saved
     raise TrainError(f"{what} at step {step}: stopping. The newest checkpoint is step "
                      f"{max(ckpt.steps(), default=0)} in {ckpt.directory}; lower learning_rate or check the data")
 
   timer = {"t": time.time(), "step": start_step, "flops": 0.0}
 
   def finish(done) -> None:
-    """Reads a dispatched step's metrics (the device has the next step queued by now), stops on a
-    non-finite loss or gradient norm, logs."""
+    """Reads a dispatched step's metrics (with 2 steps in flight, the device has the next one queued by
+    now), stops on a non-finite loss or gradient norm, logs."""
     step, metrics, item = done
     metrics = jax.device_get(metrics)
     if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
@@ -212,36 +206,38 @@ def train_and_evaluate(config, workdir: str) -> None:
 
   # ================================================================================ Loop
   stop, tracing = {"signal": None}, False
+  in_flight = dispatch.InFlight(config.steps_in_flight or dispatch.max_in_flight(), finish=finish)
   previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+  feed = None
   try:
     feed = inputs.DeviceFeed(pipeline, mesh, lambda b: batch_flops(b, enc_cfg, jax.process_count()),
                              depth=config.prefetch_batches)
-    step, pending = start_step, None  # pending: (step, metrics, feed item) dispatched, not yet read
-    log.info("training steps %d → %d, global batch %d", start_step, config.total_steps, config.batch_size)
+    step = start_step
+    log.info("training steps %d → %d, global batch %d, at most %d step(s) in flight", start_step,
+             config.total_steps, config.batch_size, in_flight.limit)
     while step < config.total_steps:
       if profile and step + 1 == profile[0]:
         jax.profiler.start_trace(os.path.join(workdir, "profile"))
         tracing = True
       item = feed.pop()
+      in_flight.admit()  # reads (finishes) the previous step's metrics where the bound says so
       state, metrics = step_fn(state, item.batch)  # dispatched; runs while the host goes on
       step += 1
+      in_flight.add((step, metrics, item))
       if step < config.total_steps:
         feed.fill()  # the next batch: built and copied to the devices while this step runs
-      if pending:
-        finish(pending)
-      pending = (step, metrics, item)
       checkpoint_due = step % config.checkpoint_every_steps == 0 or step == config.total_steps
       eval_due = bool(config.eval_every_steps) and step % config.eval_every_steps == 0 and step < config.total_steps
       preempted = stop["signal"] is not None
       if multi:  # every process must stop at the same step; agreeing is a collective, so only where we sync
         if checkpoint_due or step % config.log_every_steps == 0:
+          in_flight.drain()  # nothing of ours in flight beside the agreeing collective
           preempted = bool(multihost_utils.process_allgather(np.array(preempted)).any())
         else:
           preempted = False
       profile_ends = tracing and (step == profile[0] + profile[1] - 1 or step == config.total_steps)
       if checkpoint_due or preempted or eval_due or profile_ends:
-        finish(pending)  # this step's loss and gradient must be finite before anything of it is saved
-        pending = None
+        in_flight.drain()  # this step's loss and gradient must be finite before anything of it is saved
       if profile_ends:
         jax.block_until_ready(state)
         jax.profiler.stop_trace()
@@ -253,18 +249,22 @@ def train_and_evaluate(config, workdir: str) -> None:
         ckpt.save(step, state, item.data_state)
       if preempted and step < config.total_steps:
         log.warning("SIGTERM at step %d: saved a checkpoint, exiting", step)
-        close()
+        writer.close()
         return
       if eval_due:
         run_evals(step, "during training")
-    if pending:
-      finish(pending)
-  finally:
+    in_flight.drain()
+  except BaseException:
+    writer.close()
+    raise
+  finally:  # also on an error (a non-finite step, an unexpected exception): the input thread stops and
+    # earlier good saves complete; nothing of a failed step is saved
     signal.signal(signal.SIGTERM, previous_handler)
     if tracing:  # stopped early (non-finite step, SIGTERM): the trace of the steps so far
       jax.profiler.stop_trace()
-  feed.close()
-  ckpt.close()
+    if feed is not None:
+      feed.close()
+    ckpt.close()
   run_evals(step, "after training")
 
   # ================================================================================ Export

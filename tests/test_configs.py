@@ -83,7 +83,7 @@ def test_pack_sequences_unset_packs_on_cpu_only_and_true_false_force_it():
 
 
 @pytest.mark.parametrize("key, value", [("attention_impl", "flash"), ("attention_dropout", 1.5),
-                                        ("prefetch_batches", 3), ("profile_steps", "10"),
+                                        ("prefetch_batches", 3), ("profile_steps", "10"), ("steps_in_flight", 3),
                                         ("xla_cpu_options", "ynn=off")])
 def test_new_loop_and_attention_keys_are_checked_naming_the_key(key, value):
   from me5_jax import profiling
