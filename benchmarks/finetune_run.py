@@ -62,10 +62,13 @@ def write_pairs(path: str) -> None:
       f.write(json.dumps({"query": q, "passage": p}, ensure_ascii=False) + "\n")
 
 
+RUN_TIMEOUT_S = 3600  # one whole 30-step run takes minutes here; a hung run raises TimeoutExpired
+
+
 def timed(cmd: list[str], env: dict, log_path: str) -> float:
   start = time.time()
   with open(log_path, "w") as log:
-    rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=RUN_TIMEOUT_S).returncode
   if rc:
     sys.exit(f"finetune_run: {' '.join(cmd[:4])} ... exited {rc}; see {log_path}")
   return time.time() - start

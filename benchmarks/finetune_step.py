@@ -26,9 +26,11 @@ import argparse
 import csv
 import json
 import os
+import queue
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 # torch's OpenMP workers otherwise spin after each op, taking the cores from the JAX step that follows.
@@ -181,12 +183,25 @@ class Worker:
       cmd += ["--profile", profile_dir]
     self.name = name
     self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    self.answers: queue.Queue = queue.Queue()  # its JSON lines, then None at its exit (read by a thread,
+    threading.Thread(target=self._read, daemon=True).start()  # so that a silent worker can time out)
 
-  def answer(self) -> dict:
+  def _read(self) -> None:
     for line in self.proc.stdout:
       if line.startswith("{"):
-        return json.loads(line)
-    sys.exit(f"finetune_step: the {self.name} worker exited ({self.proc.wait()}) without an answer")
+        self.answers.put(line)
+    self.answers.put(None)
+
+  def answer(self, timeout_s: float = 900.0) -> dict:
+    """The worker's next JSON line; a worker silent for `timeout_s` (a hang) is killed and named."""
+    try:
+      line = self.answers.get(timeout=timeout_s)
+    except queue.Empty:
+      self.proc.kill()
+      sys.exit(f"finetune_step: the {self.name} worker gave no answer in {timeout_s:.0f} s; killed it")
+    if line is None:
+      sys.exit(f"finetune_step: the {self.name} worker exited ({self.proc.wait()}) without an answer")
+    return json.loads(line)
 
   def run(self, steps: int) -> float:
     self.proc.stdin.write(f"{steps}\n")

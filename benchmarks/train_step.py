@@ -212,12 +212,15 @@ def _measure(args, cfg: EncoderConfig, batch_size: int, seq_len: int, steps: int
   return sec, {fw: jax_where() if fw.startswith("me5_jax") else torch_where() for fw in frameworks}
 
 
+WORKER_TIMEOUT_S = 900  # one framework on one shape: compiles and rounds take minutes, a hang never ends
+
+
 def _measure_isolated(name: str, framework: str, profile_dir: str = "") -> tuple[float, str]:
   """One framework on one shape in a fresh process: JAX's and torch's GPU memory pools never meet."""
   cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], f"--one={name}:{framework}"]
   if profile_dir:
     cmd.append(f"--profile_dir={profile_dir}")
-  out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+  out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S).stdout
   result = json.loads(out.strip().splitlines()[-1])
   return result["sec"], result["where"]
 

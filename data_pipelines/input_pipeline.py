@@ -15,6 +15,7 @@ protocol): a list of dicts, or a TFDS array_record data source. No TensorFlow is
 from __future__ import annotations
 
 import collections
+import logging
 import queue
 import threading
 from typing import Callable, Mapping, Protocol
@@ -25,6 +26,8 @@ from data_pipelines.mixture import MixtureConfig, MixtureSampler, Plan, uniform
 from data_pipelines.preprocess import (Batcher, PreprocessConfig, check_record, choose_negatives,
                                        pad_score)
 from me5_jax.tokenize import Tokenizer
+
+log = logging.getLogger(__name__)
 
 # A bad record is replaced by a random record of the same source; this many bad draws in a row for one
 # slot means the source itself is broken, which is an error rather than something to count.
@@ -192,12 +195,22 @@ class Prefetch:
 
   def __next__(self) -> dict:
     if self._error is None:
-      item, report = self._queue.get()
+      item, report = self._get()
       if report is not None:
         self._report = report
         return item
       self._error = item
     raise self._error
+
+  def _get(self) -> tuple:
+    """The next (batch, report) or (exception, None); never waits on a producer that has died (any
+    exception it raises reaches the queue; this catches what cannot, e.g. the thread being killed)."""
+    while True:
+      try:
+        return self._queue.get(timeout=1.0)
+      except queue.Empty:
+        if not self._thread.is_alive() and self._queue.empty():
+          return RuntimeError("the input pipeline thread stopped without handing over a batch"), None
 
   def get_state(self) -> dict:
     return self._report[0]
@@ -209,9 +222,12 @@ class Prefetch:
   def epochs(self) -> dict[str, float]:
     return self._report[2]
 
-  def close(self) -> None:
+  def close(self, timeout_s: float = 60.0) -> None:
+    """Stops the thread; it finishes the batch it is building first (a daemon: never blocks exit)."""
     self._stop.set()
-    self._thread.join()
+    self._thread.join(timeout_s)
+    if self._thread.is_alive():
+      log.warning("input pipeline thread still building a batch after %.0f s; not waiting for it", timeout_s)
 
   def __enter__(self) -> "Prefetch":
     return self

@@ -4,6 +4,7 @@ Real checkpoints and text come from `../shared/realdata/fetch.sh` (run by `.ci/r
 `.cache/realdata`); `ME5_REALDATA` points elsewhere. Tests that need them skip, naming what is missing.
 """
 import os
+import threading
 
 import pytest
 
@@ -21,6 +22,26 @@ import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_platforms", "cpu")
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_timeout_set_timer(item, settings):
+  """pytest-timeout's thread method (setup.cfg), with a first line naming the stuck test: its own banner
+  names none, and the test's frame can be missing from the stacks when it waits inside C++."""
+  if settings.method != "thread":
+    return None
+  import pytest_timeout
+
+  def expire():
+    item.config.get_terminal_writer().line(f"\nTIMEOUT: {item.nodeid} still running after its "
+                                           f"{settings.timeout:g} s limit; the stacks of every thread follow")
+    pytest_timeout.timeout_timer(item, settings)
+
+  timer = threading.Timer(settings.timeout, expire)
+  timer.daemon = True
+  item.cancel_timeout = lambda: (timer.cancel(), timer.join())
+  timer.start()
+  return True
+
 
 REALDATA = os.environ.get("ME5_REALDATA", os.path.join(REPO, ".cache", "realdata"))
 

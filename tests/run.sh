@@ -15,4 +15,4 @@ elif [ ! -f "$FETCH" ]; then
   echo "[tests] $FETCH not found: tests that need real checkpoints will skip" >&2
 fi
 export ME5_REALDATA="$REALDATA"
-exec python -m pytest -q "$@"
+exec python -m pytest -q --durations=20 "$@"

@@ -68,6 +68,7 @@ def made_up(tmp_path_factory):
   return model_dir, data_dir
 
 
+@pytest.mark.timeout(450)
 def test_trainer_runs_500_steps_on_8_devices_at_the_default_bound(made_up, tmp_path):
   """The real loop (python -m me5_jax.train, in a subprocess with a time limit, so a hang fails this test
   instead of the suite) with `steps_in_flight` at its default, on 8 simulated CPU devices."""

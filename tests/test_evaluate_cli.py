@@ -56,7 +56,7 @@ def _write(path, lines):
   return str(path)
 
 
-def run_cli(*args, timeout=600):
+def run_cli(*args, timeout=240):
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   proc = subprocess.run([sys.executable, "-m", "me5_jax.evaluate", *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=timeout)

@@ -191,6 +191,27 @@ def test_prefetch_gives_the_same_batches_and_the_state_of_those_handed_out(tok):
         next(ahead)
 
 
+class DiesWithoutAWord:
+  """A pipeline whose thread ends by an exception that is not an Exception (nothing reaches the queue)."""
+  def get_state(self):
+    return {}
+
+  bad_records = {}
+
+  def epochs(self):
+    return {}
+
+  def __next__(self):
+    raise SystemExit("killed")
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the death is the point
+def test_prefetch_does_not_wait_forever_on_a_dead_producer():
+  with Prefetch(DiesWithoutAWord()) as ahead:
+    with pytest.raises(RuntimeError, match="stopped without handing over a batch"):
+      next(ahead)
+
+
 class Untouchable:
   """A source that must not be read: configuration errors come before any work."""
   def __len__(self):

@@ -35,7 +35,7 @@ def test_tpu_pod_dry_run_prints_the_complete_command_sequence():
   assert "tar xzf" in install_cmd and "pip install" in install_cmd and "jax[tpu]" in install_cmd
   mount_cmd = next(a for a in mount if a.startswith("--command="))[len("--command="):]
   assert "gcsfuse --implicit-dirs bucket /mnt/gcs/bucket" in mount_cmd and "apt-get install -y -q gcsfuse" in mount_cmd
-  assert subprocess.run(["bash", "-n", "-c", mount_cmd]).returncode == 0  # the remote command parses
+  assert subprocess.run(["bash", "-n", "-c", mount_cmd], timeout=30).returncode == 0  # the remote command parses
   train_cmd = next(a for a in start if a.startswith("--command="))
   # the trainer writes through the mount
   assert ("python -m me5_jax.train --config configs/large.py --workdir /mnt/gcs/bucket/runs/large "

@@ -232,5 +232,6 @@ def test_hash_ids_is_the_same_in_another_process():
   code = ("import numpy as np; from me5_jax.losses import hash_ids; "
           "print(*hash_ids(np.array([[3, 1, 4, 1, 5, 0]]), np.array([[1, 1, 1, 1, 1, 0]]))[0])")
   env = {**os.environ, "PYTHONHASHSEED": "12345", "JAX_PLATFORMS": "cpu"}
-  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                       timeout=120)
   assert [int(x) for x in out.stdout.split()] == hash_ids(ids, mask)[0].tolist()

@@ -269,7 +269,7 @@ def test_stage2_training_smoke(stage2_dir, minilm_dir, tmp_path):
   cmd = [sys.executable, "-m", "me5_jax.train", "--config", "configs/small.py:finetune", f"--workdir={workdir}",
          *[f"--config.{k}={v}" for k, v in overrides.items()]]
   env = {**os.environ, "ME5_CPU_DEVICES": "8", "JAX_PLATFORMS": "cpu"}
-  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
   assert proc.returncode == 0, proc.stderr[-4000:]
   with open(workdir / "metrics.jsonl", encoding="utf-8") as f:
     rows = [json.loads(line) for line in f]

@@ -100,7 +100,7 @@ def test_gradcache_gradients_are_all_reduced_once_per_step_not_per_chunk(v5e_8):
 
 def _aot_cli(*flags):
   """Runs `python -m me5_jax.aot` in a fresh process; (stdout, {collective: (in HLO, per step, in loops)})."""
-  out = subprocess.run([sys.executable, "-m", "me5_jax.aot", *flags], capture_output=True, text=True, timeout=600,
+  out = subprocess.run([sys.executable, "-m", "me5_jax.aot", *flags], capture_output=True, text=True, timeout=240,
                        cwd=REPO)
   assert out.returncode == 0, out.stderr[-2000:]
   table = out.stdout.split("collectives", 1)[1].splitlines()[2:]
@@ -123,7 +123,8 @@ def test_fsdp_config_on_v5p_reduces_gradients_once_per_step_unless_told_per_chun
 
 
 def test_cli_without_a_slice_name_it_knows_is_one_line_naming_the_forms():
-  out = subprocess.run([sys.executable, "-m", "me5_jax.aot", "--topology", "v5p-7"], capture_output=True, text=True)
+  out = subprocess.run([sys.executable, "-m", "me5_jax.aot", "--topology", "v5p-7"], capture_output=True, text=True,
+                       timeout=120)
   assert out.returncode == 1 and out.stderr.strip().splitlines()[-1].startswith("me5_jax.aot: error: --topology")
 
 

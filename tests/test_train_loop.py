@@ -24,7 +24,8 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL, EVERY = 24, 4  # steps, checkpoint interval
 NUM_PAIRS = 300       # 18.75 batches of 16: the runs cross an epoch boundary
-TIMEOUT = 300
+TIMEOUT = 240        # s, each trainer subprocess (a hang fails the test naming the run)
+pytestmark = pytest.mark.timeout(900)  # tests that start several runs
 
 
 @pytest.fixture(scope="session")
