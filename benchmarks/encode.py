@@ -4,7 +4,7 @@ batch size, max length and CPU threads, in one run. Prints a table with texts/s 
   python benchmarks/encode.py [--model DIR] [--texts FILE] [--num-texts 2000] [--batch-size 64]
                               [--max-length 128] [--repeats 3] [--threads N]
 
-Default model: .cache/realdata/all-MiniLM-L6-v2; default texts: verses from .cache/realdata/bible_pd.tsv,
+Default model: all-MiniLM-L6-v2; default texts: verses from bible_pd.tsv (both from `me5_jax.fetch`),
 cycling over its 18 versions (12 languages). Both sides are warmed up by a first full pass, reported
 separately (me5_jax's compiles one program per length bucket; the compile time is what JAX reports).
 Timed passes alternate between the two systems so machine load hits both alike; the table shows the
@@ -15,16 +15,14 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REALDATA = os.environ.get("ME5_REALDATA", os.path.join(REPO, ".cache", "realdata"))
 
 
 def _parse_args() -> argparse.Namespace:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--model", default=os.path.join(REALDATA, "all-MiniLM-L6-v2"))
+  ap.add_argument("--model", default=None, help="HF folder (default: all-MiniLM-L6-v2 from me5_jax.fetch)")
   ap.add_argument("--texts", default=None, help="UTF-8 file, one text per line (default: Bible verses)")
   ap.add_argument("--num-texts", type=int, default=2000)
   ap.add_argument("--batch-size", type=int, default=64)
@@ -39,10 +37,8 @@ def load_texts(path: str | None, n: int) -> list[str]:
   if path:
     with open(path, encoding="utf-8") as f:
       return [line.rstrip("\r\n") for line in f][:n]
-  tsv = os.path.join(REALDATA, "bible_pd.tsv")
-  if not os.path.exists(tsv):
-    sys.exit(f"error: {tsv} is missing: run `bash ../shared/realdata/fetch.sh {REALDATA}` or pass --texts")
-  with open(tsv, encoding="utf-8") as f:
+  from me5_jax import fetch
+  with open(fetch.fetch("bible_pd.tsv"), encoding="utf-8") as f:
     rows = [line.rstrip("\n").split("\t")[1:] for line in f][1:]
   stride = max(1, len(rows) // n)
   texts = [row[i % len(row)] for i, row in ((i, rows[i * stride % len(rows)]) for i in range(n))]
@@ -58,6 +54,9 @@ def timed(fn) -> tuple[float, float, object]:
 
 def main() -> None:
   args = _parse_args()
+  if args.model is None:
+    from me5_jax import fetch
+    args.model = fetch.fetch("all-MiniLM-L6-v2")
   cores = sorted(os.sched_getaffinity(0))
   threads = args.threads or len(cores)
   # Pinning before jax/torch start: XLA sizes its thread pool from the affinity mask, torch is told.

@@ -1,6 +1,6 @@
 """The real mE5-small fine-tune step on CPU: me5_jax against sentence-transformers' MNRL, in one process.
 
-Same work per step on every side: the real multilingual-e5-small (me5-small-q4 from ../shared/realdata,
+Same work per step on every side: the real multilingual-e5-small (me5-small-q4 from `me5_jax.fetch`,
 250k vocabulary), B = 64 real query → passage pairs (a Bible verse in one of 11 non-English versions,
 "query: ", ~20–60 tokens → the 10-verse passage around it in another version, "passage: ", cut at 128),
 fp32, dropout on (the checkpoint's 0.1 at every site, attention probabilities included), InfoNCE over the
@@ -56,11 +56,11 @@ QUERY_TOKENS = (20, 60)
 
 
 def realdata() -> str:
-  root = os.environ.get("ME5_REALDATA", os.path.join(os.path.dirname(os.path.dirname(__file__)), ".cache/realdata"))
-  if not os.path.exists(os.path.join(root, "me5-small-q4", "model.safetensors")):
-    sys.exit(f"finetune_step: {root}/me5-small-q4 not found: run `bash ../shared/realdata/fetch.sh {root}` "
-             "(or `bash tests/run.sh`, which fetches it) or set ME5_REALDATA")
-  return root
+  """The cache folder holding me5-small-q4 and bible_pd.tsv (`me5_jax.fetch` gets them if missing)."""
+  from me5_jax import fetch
+  for name in ("me5-small-q4", "bible_pd.tsv"):
+    fetch.fetch(name)
+  return fetch.cache_dir()
 
 
 def real_pairs(root: str, tokenizer: Tokenizer, n: int, seed: int = 0) -> list[tuple[str, str]]:

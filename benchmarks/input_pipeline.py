@@ -30,9 +30,9 @@ sys.path.insert(0, REPO)
 from data_pipelines.input_pipeline import InputPipeline  # noqa: E402
 from data_pipelines.mixture import MixtureConfig, MixtureSampler  # noqa: E402
 from data_pipelines.preprocess import PreprocessConfig  # noqa: E402
+from me5_jax import fetch  # noqa: E402
 from me5_jax.tokenize import Tokenizer  # noqa: E402
 
-REALDATA = os.environ.get("ME5_REALDATA", os.path.join(REPO, ".cache", "realdata"))
 # stage-1 source name → (query column, passage column) of bible_pd.tsv
 SOURCES = {"nllb": ("de:e", "en:4"), "wikipedia": ("fr:l", "en:4"), "reddit": ("es:v", "en:k"),
            "xp3": ("ru:r", "en:4")}
@@ -115,9 +115,9 @@ def run(args, passage_verses: int, tmp: str) -> tuple[tuple[float, float], tuple
 
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--tokenizer", default=os.path.join(REALDATA, "me5-small-q4"),
+  ap.add_argument("--tokenizer", default=None,
                   help="folder with the XLM-R tokenizer.json")
-  ap.add_argument("--tsv", default=os.path.join(REALDATA, "bible_pd.tsv"))
+  ap.add_argument("--tsv", default=None, help="bible_pd.tsv (default: from me5_jax.fetch)")
   ap.add_argument("--tfds", action="store_true", help="read TFDS array_record datasets, not lists")
   ap.add_argument("--batch", type=int, default=512, help="global batch (one host)")
   ap.add_argument("--batches", type=int, default=30)
@@ -125,10 +125,11 @@ def main() -> None:
   ap.add_argument("--passage-verses", type=int, nargs="+", default=[1, 10],
                   help="verses per passage, one table row pair each")
   args = ap.parse_args()
+  args.tokenizer = args.tokenizer or fetch.fetch("me5-small-q4")
+  args.tsv = args.tsv or fetch.fetch("bible_pd.tsv")
   for path in (os.path.join(args.tokenizer, "tokenizer.json"), args.tsv):
     if not os.path.exists(path):
-      sys.exit(f"{path} is missing: run `bash ../shared/realdata/fetch.sh {REALDATA}` "
-               "or pass --tokenizer / --tsv")
+      sys.exit(f"{path} is missing: pass another --tokenizer / --tsv")
 
   pairs = args.batch * args.batches
   print(f"read → mix → tokenize → batch: {pairs} Bible pairs per row ({', '.join(SOURCES)} → en), "

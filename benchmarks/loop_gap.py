@@ -38,7 +38,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from configs.demo import get_config  # noqa: E402
-from me5_jax import dispatch, inputs, sharding, train  # noqa: E402
+from me5_jax import dispatch, fetch, inputs, sharding, train  # noqa: E402
 from me5_jax import train_step as ts  # noqa: E402
 from me5_jax.tokenize import Tokenizer  # noqa: E402
 
@@ -60,10 +60,9 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--steps", type=int, default=60)
   args = parser.parse_args()
-  realdata = os.environ.get("ME5_REALDATA", os.path.join(REPO, ".cache", "realdata"))
   root = tempfile.mkdtemp(prefix="loop_gap_")
   config = get_config()
-  config.init_checkpoint = tiny_model(root, os.path.join(realdata, "all-MiniLM-L6-v2"))
+  config.init_checkpoint = tiny_model(root, fetch.fetch("all-MiniLM-L6-v2"))
   config.update(dict(total_steps=args.steps, warmup_steps=2, log_every_steps=10, checkpoint_every_steps=args.steps,
                      eval_bitext="", export_at_end=False))
   mesh = sharding.make_mesh(config)

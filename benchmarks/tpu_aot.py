@@ -17,7 +17,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from me5_jax import aot, config as config_lib, hlo_collectives, sharding, tpu_topology  # noqa: E402
+from me5_jax import aot, hlo_collectives, sharding, tpu_topology  # noqa: E402
 from me5_jax import train_step as ts  # noqa: E402
 from me5_jax.variants import get_variant  # noqa: E402
 

