@@ -27,6 +27,7 @@ import csv
 import json
 import os
 import queue
+import resource
 import statistics
 import subprocess
 import sys
@@ -52,6 +53,34 @@ from train_step import trainer_step  # noqa: E402  (benchmarks/train_step.py)
 
 BATCH, TAU, LR = 64, 0.05, 2e-5
 PEER = "sentence-transformers"
+# --allocators: the malloc behind a me5_jax worker, as its environment. XLA:CPU mallocs each execution's
+# temporaries and frees them after it; glibc serves large blocks with mmap and returns them to the kernel,
+# so every step faults its temporaries in again. "nommap" keeps them on the heap (never mmap, never trim);
+# "thp" backs the heap with transparent huge pages; jemalloc and tcmalloc (NAME=path/to/lib.so, e.g. from
+# Debian's libjemalloc2 / libtcmalloc-minimal4) are LD_PRELOADed with their default settings.
+_KEEP = f"glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold={1 << 40}"
+ALLOCATORS = {"glibc": {}, "nommap": {"GLIBC_TUNABLES": _KEEP}, "thp": {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},
+              "nommap+thp": {"GLIBC_TUNABLES": _KEEP + ":glibc.malloc.hugetlb=1"}, "jemalloc": None, "tcmalloc": None}
+
+
+def profile_subdir(root: str, name: str) -> str:
+  """--profile's folder for path `name` ("me5_jax packed:attention_dropout=0.0 [thp]"), "" for the peer."""
+  if not root or name == PEER:
+    return ""
+  return os.path.join(root, name.replace(" [", "_").rstrip("]").split()[-1].replace(":", "_"))
+
+
+def allocator_envs(spec: str) -> dict[str, dict[str, str]]:
+  """"glibc,nommap,jemalloc=/usr/lib/.../libjemalloc.so.2" → {name: environment}."""
+  envs = {}
+  for item in filter(None, spec.split(",")):
+    name, _, lib = item.partition("=")
+    if name not in ALLOCATORS:
+      sys.exit(f"finetune_step: --allocators: unknown {name!r}; known: {', '.join(ALLOCATORS)}")
+    if ALLOCATORS[name] is None and not os.path.isfile(lib):
+      sys.exit(f"finetune_step: --allocators: {name} needs its library, {name}=PATH (got {lib or 'none'})")
+    envs[name] = ALLOCATORS[name] if ALLOCATORS[name] is not None else {"LD_PRELOAD": lib}
+  return envs
 QUERY_TOKENS = (20, 60)
 
 
@@ -161,11 +190,13 @@ def serve(args) -> None:
   print(json.dumps({"first_s": first_s, "tokens": tokens, "where": where}), flush=True)
   for line in sys.stdin:
     n = int(line)
-    start = time.perf_counter()
+    faults, start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
     for _ in range(n):
       run()
     sync()
-    print(json.dumps({"sec": (time.perf_counter() - start) / n}), flush=True)
+    sec = (time.perf_counter() - start) / n
+    print(json.dumps({"sec": sec, "faults": (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / n}),
+          flush=True)
 
 
 def batches_of_pairs(root: str, tokenizer: Tokenizer, n: int):
@@ -177,12 +208,14 @@ class Worker:
   """A `--worker` subprocess: one framework and layout per process, so no thread pool or allocator of one
   slows the other (co-resident, torch's runtime slowed the JAX step by ~30 % here: BENCHMARKS.md)."""
 
-  def __init__(self, name: str, argv: list[str], profile_dir: str):
-    cmd = [sys.executable, os.path.abspath(__file__), *argv, "--worker", name]
+  def __init__(self, name: str, argv: list[str], profile_dir: str, env: dict[str, str] | None = None):
+    """`name`: the path ("me5_jax packed"), with " [allocator]" where --allocators asks for several."""
+    cmd = [sys.executable, os.path.abspath(__file__), *argv, "--worker", name.split(" [")[0]]
     if profile_dir:
       cmd += ["--profile", profile_dir]
     self.name = name
-    self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                 env={**os.environ, **(env or {})})
     self.answers: queue.Queue = queue.Queue()  # its JSON lines, then None at its exit (read by a thread,
     threading.Thread(target=self._read, daemon=True).start()  # so that a silent worker can time out)
 
@@ -203,10 +236,11 @@ class Worker:
       sys.exit(f"finetune_step: the {self.name} worker exited ({self.proc.wait()}) without an answer")
     return json.loads(line)
 
-  def run(self, steps: int) -> float:
+  def run(self, steps: int) -> dict:
+    """{"sec": seconds per step, "faults": minor page faults per step}."""
     self.proc.stdin.write(f"{steps}\n")
     self.proc.stdin.flush()
-    return self.answer()["sec"]
+    return self.answer()
 
   def close(self) -> None:
     self.proc.stdin.close()
@@ -222,6 +256,9 @@ def main() -> None:
                       help="me5_jax layouts to time, each optionally with config overrides: "
                            "'packed:attention_dropout=0.0', 'packed:xla_cpu_options='")
   parser.add_argument("--no_peer", action="store_true", help="me5_jax only")
+  parser.add_argument("--allocators", default="glibc",
+                      help=f"malloc variants for the me5_jax workers: {', '.join(ALLOCATORS)} "
+                           "(jemalloc=PATH, tcmalloc=PATH); the peer keeps glibc's")
   parser.add_argument("--profile", default="", help="a jax.profiler trace of one step per layout under this folder")
   parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -232,21 +269,25 @@ def main() -> None:
   tokenizer = Tokenizer.from_dir(os.path.join(root, "me5-small-q4"))
   real_tokens = np.mean([sum(len(r) for r in tokenizer.token_ids([t for pair in pb for t in pair], 128))
                          for pb in batches_of_pairs(root, tokenizer, args.batches)])
-  names = [f"me5_jax {layout}" for layout in args.layouts.split(",")] + ([] if args.no_peer else [PEER])
+  envs = allocator_envs(args.allocators)
+  paths = [(f"me5_jax {layout}" + (f" [{alloc}]" if len(envs) > 1 else ""), env)
+           for layout in args.layouts.split(",") for alloc, env in envs.items()]
+  paths += [] if args.no_peer else [(PEER, {})]
+  names = [name for name, _ in paths]
   argv = ["--devices", str(args.devices), "--batches", str(args.batches)]
   workers, ready = [], {}
-  for name in names:  # started one at a time: their warm-up compiles do not compete
-    profile_dir = os.path.join(args.profile, name.split()[-1].replace(":", "_")) if args.profile and name != PEER else ""
-    workers.append(Worker(name, argv, profile_dir))
+  for name, env in paths:  # started one at a time: their warm-up compiles do not compete
+    workers.append(Worker(name, argv, profile_subdir(args.profile, name), env))
     ready[name] = workers[-1].answer()
   start = time.time()
-  sec = {w.name: [] for w in workers}
+  answers = {w.name: [] for w in workers}
   for _ in range(args.rounds):
     for w in workers:
-      sec[w.name].append(w.run(args.batches))
+      answers[w.name].append(w.run(args.batches))
   for w in workers:
     w.close()
-  med = {name: statistics.median(v) for name, v in sec.items()}
+  med = {name: statistics.median(a["sec"] for a in v) for name, v in answers.items()}
+  faults = {name: statistics.median(a["faults"] for a in v) for name, v in answers.items()}
   print(f"fine-tune step, me5-small-q4 (12×384, vocab 250k), {BATCH} real pairs per step (queries "
         f"{QUERY_TOKENS[0]}–{QUERY_TOKENS[1]} tokens, passages ≤ 128), fp32, dropout 0.1, {args.batches} batches × "
         f"{args.rounds} rounds, one process per path, alternating ({time.time() - start:.0f} s); real tokens per "
@@ -254,16 +295,17 @@ def main() -> None:
   for name in names:
     print(f"  {name}: {ready[name]['where']}")
   ref = med.get(PEER)
-  print(f"| {'path':40} | {'s/step':>7} | {'tokens encoded/step':>19} | {'first steps (compile)':>21} | "
-        f"{'peer time / time':>16} |")
-  print(f"|{'-' * 42}|{'-' * 9}|{'-' * 21}|{'-' * 23}|{'-' * 18}|")
+  print(f"| {'path':40} | {'s/step':>7} | {'minor faults/step':>17} | {'tokens encoded/step':>19} | "
+        f"{'first steps (compile)':>21} | {'peer time / time':>16} |")
+  print(f"|{'-' * 42}|{'-' * 9}|{'-' * 19}|{'-' * 21}|{'-' * 23}|{'-' * 18}|")
   for name, s in med.items():
     ratio = f"{ref / s:15.2f}x" if ref else f"{'-':>16}"
-    print(f"| {name:40} | {s:7.2f} | {ready[name]['tokens']:19.0f} | {ready[name]['first_s']:20.1f}s | {ratio} |")
+    print(f"| {name:40} | {s:7.2f} | {faults[name]:17.0f} | {ready[name]['tokens']:19.0f} | "
+          f"{ready[name]['first_s']:20.1f}s | {ratio} |")
   for name in names:
     if args.profile and name != PEER:
       print(f"\ntop operations, {name} (one step):")
-      print(profiling.format_top_ops(profiling.top_ops(os.path.join(args.profile, name.split()[-1].replace(":", "_"))), 15))
+      print(profiling.format_top_ops(profiling.top_ops(profile_subdir(args.profile, name)), 15))
 
 
 if __name__ == "__main__":
