@@ -80,6 +80,9 @@ def main() -> None:
   parser.add_argument("--warm_cache", action="store_true", help="keep .cache/jax (a rerun) instead of a fresh one")
   parser.add_argument("--work", default="", help="folder for data, runs and logs (default: a temp folder)")
   parser.add_argument("--only", choices=("me5_jax", "peer"), default=None, help="run one side only")
+  parser.add_argument("--glibc_tunables", default="glibc.malloc.hugetlb=1",
+                      help="GLIBC_TUNABLES of the me5_jax side, as launch/setup_env.sh sets it ('' = glibc's "
+                           "defaults); the peer runs with glibc's defaults, as sentence-transformers users do")
   args = parser.parse_args()
   work = args.work or tempfile.mkdtemp(prefix="finetune_run_")
   os.makedirs(work, exist_ok=True)
@@ -87,17 +90,19 @@ def main() -> None:
   pairs = os.path.join(work, "pairs.jsonl")
   write_pairs(pairs)
   model_dir = os.path.join(realdata(), "me5-small-q4")
-  env = {k: v for k, v in os.environ.items() if k not in ("ME5_CPU_DEVICES", "XLA_FLAGS")}
+  env = {k: v for k, v in os.environ.items() if k not in ("ME5_CPU_DEVICES", "XLA_FLAGS", "GLIBC_TUNABLES")}
   env["OMP_WAIT_POLICY"] = "PASSIVE"
   if not args.warm_cache:
     env["JAX_COMPILATION_CACHE_DIR"] = os.path.join(work, "jax_cache")
   rows = []
   if args.only != "peer":
-    rows += run_me5_jax(args, work, pairs, model_dir, env)
+    rows += run_me5_jax(args, work, pairs, model_dir,
+                        {**env, "GLIBC_TUNABLES": args.glibc_tunables} if args.glibc_tunables else env)
   if args.only != "me5_jax":
     rows += run_peer(args, work, pairs, model_dir, env)
   print(f"{args.steps}-step fine-tune of me5-small-q4, batch {BATCH} real pairs, fp32, 1 CPU device, "
-        f"{'warm' if args.warm_cache else 'cold'} compile cache; {os.cpu_count()} cores; logs in {work}")
+        f"{'warm' if args.warm_cache else 'cold'} compile cache; me5_jax with GLIBC_TUNABLES="
+        f"{args.glibc_tunables or '(unset)'}; {os.cpu_count()} cores; logs in {work}")
   print(f"| {'what':52} | {'seconds':>8} | notes")
   print(f"|{'-' * 54}|{'-' * 10}|------")
   for what, sec, note in rows:

@@ -238,8 +238,12 @@ class Worker:
 
   def run(self, steps: int) -> dict:
     """{"sec": seconds per step, "faults": minor page faults per step}."""
-    self.proc.stdin.write(f"{steps}\n")
-    self.proc.stdin.flush()
+    try:
+      self.proc.stdin.write(f"{steps}\n")
+      self.proc.stdin.flush()
+    except BrokenPipeError:  # e.g. killed for memory: every worker holds its model, optimizer and temporaries
+      sys.exit(f"finetune_step: the {self.name} worker exited ({self.proc.wait()}); fewer --allocators or "
+               "--layouts per run need less memory")
     return self.answer()
 
   def close(self) -> None:

@@ -20,5 +20,13 @@ if [ ! -f "$STAMP" ]; then
   touch "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"
+# glibc's malloc on transparent huge pages (for processes started from here on): XLA:CPU mallocs every
+# step's temporaries anew, and on 4 KiB pages each step faults them in again (the real mE5-small step:
+# 1.5M minor faults and 27 s/step → 4k faults and 18 s/step, BENCHMARKS.md "finetune_step"). Harmless where
+# THP is off ("never") and on GPU/TPU hosts. An explicit glibc.malloc.hugetlb in GLIBC_TUNABLES wins.
+case ":${GLIBC_TUNABLES:-}:" in
+  *:glibc.malloc.hugetlb=*) ;;
+  *) export GLIBC_TUNABLES="${GLIBC_TUNABLES:+$GLIBC_TUNABLES:}glibc.malloc.hugetlb=1" ;;
+esac
 export TRANSFORMERS_VERBOSITY=${TRANSFORMERS_VERBOSITY:-error}
 export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-3}
