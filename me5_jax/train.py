@@ -231,7 +231,6 @@ def train_and_evaluate(config, workdir: str) -> None:
       preempted = stop["signal"] is not None
       if multi:  # every process must stop at the same step; agreeing is a collective, so only where we sync
         if checkpoint_due or step % config.log_every_steps == 0:
-          in_flight.drain()  # nothing of ours in flight beside the agreeing collective
           preempted = bool(multihost_utils.process_allgather(np.array(preempted)).any())
         else:
           preempted = False

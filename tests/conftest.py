@@ -26,6 +26,7 @@ import jax  # noqa: E402
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_platforms", "cpu")
 
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_timeout_set_timer(item, settings):
   """pytest-timeout's thread method (setup.cfg), with a first line naming the stuck test: its own banner
