@@ -8,9 +8,10 @@ ahead of the devices without limit. XLA:CPU admits up to 32 executions per devic
 program as an in-process rendezvous of the devices' threads; queue more than 32 multi-device executions
 and the rendezvous deadlocks: XLA logs "may be stuck" after 20 s and aborts the process after 40 s
 (`rendezvous.cc: Termination timeout ... only 2 of them arrived`). Measured on the project's 2-core VM
-(jax 0.10.2, 8 simulated devices, `tests/dispatch_probe.py`, run by `tests/test_dispatch.py`): a jitted step with one
-all-gather queued 300 times back to back aborted in every try; with at most 2, 3, 4, 8, 16 or 32 in flight
-it finished, with 33 or 64 it aborted. That is what `benchmarks/loop_gap.py --steps 60` hit (its
+(jax 0.10.2, 8 simulated devices, `tests/dispatch_probe.py`, run by `tests/test_dispatch.py`): a jitted
+step with one all-gather queued 300 times back to back aborted in every try; with at most 1, 2, 16 or 32 in
+flight it finished; a one-off copy of the probe without this class's limit check aborted at 33 and 64
+(BENCHMARKS.md "loop_gap"). That is what `benchmarks/loop_gap.py --steps 60` hit (its
 device-floor loop queued all 60; the 30-step run stayed under 32 and passed).
 
 The bound (`max_in_flight`): 1 on the CPU backend with more than one device in the program (the simulated
