@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 
-from me5_jax import compile_cache, instructions, metrics
+from me5_jax import compile_cache, instructions, metrics, search
 from me5_jax.tokenize import PASSAGE_PREFIX, QUERY_PREFIX
 
 if TYPE_CHECKING:
@@ -198,12 +198,13 @@ def load_retrieval_files(corpus_path: str, queries_path: str, qrels_path: str) -
 def evaluate_retrieval(embedder: "Embedder", data: str | RetrievalData, query_prefix: str = QUERY_PREFIX,
                        passage_prefix: str = PASSAGE_PREFIX, batch_size: int = 64,
                        max_length: int | None = None, progress: bool = False) -> dict:
-  """nDCG@10, Recall@100, MRR@10 of exact cosine search over the whole corpus (see metrics.py)."""
+  """nDCG@10, Recall@100, MRR@10 of exact cosine search over the whole corpus, on the devices
+  (`search.top_k`; metrics and tie rule: metrics.py)."""
   data = load_retrieval(data) if isinstance(data, str) else data
   encode = dict(batch_size=batch_size, max_length=max_length, progress=progress)
   p_NxD = embedder.encode(data.passages, prefix=passage_prefix, **encode)
   q_QxD = embedder.encode(data.queries, prefix=query_prefix, **encode)
-  score_QxK, idx_QxK = metrics.top_k_search(q_QxD, p_NxD, TOP_K)
+  score_QxK, idx_QxK = search.top_k(q_QxD, p_NxD, TOP_K)
   run = {q: {data.doc_ids[j]: float(s) for s, j in zip(score_QxK[i], idx_QxK[i])}
          for i, q in enumerate(data.query_ids)}
   result = {"task": "retrieval", **metrics.retrieval_metrics(run, {q: data.qrels[q] for q in data.query_ids}),
@@ -268,8 +269,8 @@ def evaluate_bitext(embedder: "Embedder", data: str | BitextData, pivot: str | N
                         batch_size=batch_size, max_length=max_length, progress=progress)
   emb_by_col = {c: emb[i * n:(i + 1) * n] for i, c in enumerate(data.columns)}
   pivot_NxD = emb_by_col[data.pivot]
-  per_col = {c: {"to_pivot": metrics.p_at_1(emb_by_col[c], pivot_NxD),
-                 "from_pivot": metrics.p_at_1(pivot_NxD, emb_by_col[c])}
+  per_col = {c: {"to_pivot": search.p_at_1(emb_by_col[c], pivot_NxD),
+                 "from_pivot": search.p_at_1(pivot_NxD, emb_by_col[c])}
              for c in data.columns if c != data.pivot}
   to_pivot = float(np.mean([v["to_pivot"] for v in per_col.values()]))
   from_pivot = float(np.mean([v["from_pivot"] for v in per_col.values()]))

@@ -5,8 +5,8 @@
       [--query-prefix STR] [--passage-prefix STR] [--batch-size N] [--max-length L]
 
 Negatives of a query (each of its positives gets the same list), in this order:
-1. candidates: its top-k documents by exact cosine search over the whole corpus (`metrics.top_k_search`:
-   score descending, ties by document id);
+1. candidates: its top-k documents by exact cosine search over the whole corpus, on the devices
+   (`search.top_k`: score descending, ties by document id);
 2. its known positives (qrels grade > 0) are dropped; documents judged non-relevant (grade <= 0) stay, they
    are the surest hard negatives;
 3. --skip-top N drops the N best-ranked candidates left after step 2 (so N counts non-positive documents,
@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from me5_jax import compile_cache, metrics
+from me5_jax import compile_cache, search
 from me5_jax.evaluate import DataError, RetrievalData, load_retrieval_files
 from me5_jax.tokenize import PASSAGE_PREFIX, QUERY_PREFIX
 
@@ -84,7 +84,7 @@ def select_negatives(q_QxD: np.ndarray, p_NxD: np.ndarray, positives: Sequence[n
   """Corpus rows of each query's negatives, best first (steps 1-5 of the module docstring), and counts of
   candidates per fate: retrieved, known_positive, skip_top, max_score_ratio (beyond skip_top),
   num_negatives (cut by the cap), kept."""
-  score_QxK, idx_QxK = metrics.top_k_search(q_QxD, p_NxD, cfg.top_k)
+  score_QxK, idx_QxK = search.top_k(q_QxD, p_NxD, cfg.top_k)
   counts = collections.Counter()
   negatives = []
   for i, pos in enumerate(positives):
