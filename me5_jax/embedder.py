@@ -1,4 +1,9 @@
-"""Batched inference: texts → L2-normalised float32 embeddings, in input order.
+"""Batched inference: texts → L2-normalised float32 embeddings, in input order, on every local device.
+
+Each distinct (prefixed) text is encoded once and its row copied to every place it occurs: STS and
+retrieval sets repeat texts (the Lee document-similarity set has 2,450 texts and 50 distinct ones).
+Every batch is split row-wise over the local devices (params replicated on each), so a corpus encodes
+at the speed of all of them; results equal one device's.
 
 Texts are sorted by token count so each batch pads little, and every batch is padded to a
 (batch_size, bucket length) shape from a short list, so a whole corpus compiles a handful of programs.
@@ -14,6 +19,8 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from me5_jax import dispatch, encoder as enc
 from me5_jax import hf_io
@@ -37,23 +44,37 @@ def _embed_jit(params, ids_BxL, mask_BxL, cfg):
 class Embedder:
   """An encoder, its params and its tokenizer: what `embed`, `evaluate` and the trainer's evals use."""
 
-  def __init__(self, cfg: EncoderConfig, params: Any, tokenizer: Tokenizer):
-    # Moved to the device once: numpy params would be copied in again on every batch.
-    self.cfg, self.params, self.tokenizer = cfg, jax.device_put(params), tokenizer
+  def __init__(self, cfg: EncoderConfig, params: Any, tokenizer: Tokenizer,
+               devices: Sequence[jax.Device] | None = None):
+    self.cfg, self.tokenizer = cfg, tokenizer
+    self.devices = list(devices if devices is not None else jax.local_devices())
+    mesh = Mesh(np.array(self.devices), ("batch",))
+    self._rows = NamedSharding(mesh, P("batch"))
+    # Replicated on the devices once: numpy params would be copied in again on every batch.
+    self.params = jax.device_put(params, NamedSharding(mesh, P()))
 
   @classmethod
   def from_pretrained(cls, path: str, dtype: str = "float32", max_length: int | None = None) -> "Embedder":
     hf_io.check_model_dir(path)
     tokenizer = Tokenizer.from_dir(path, max_length)
     cfg, params = hf_io.load_pretrained(path, dtype=dtype)
-    tokenizer.max_length = min(tokenizer.max_length, cfg.max_tokens)
+    if max_length is not None and max_length > cfg.max_tokens:
+      raise ValueError(f"max_length {max_length} exceeds the {cfg.max_tokens} positions of the model in {path}")
+    tokenizer.max_length = min(tokenizer.max_length, cfg.max_tokens)  # the tokenizer's own default may be larger
     return cls(cfg, params, tokenizer)
 
   def encode(self, texts: Sequence[str], prefix: str | None = None, batch_size: int = 64,
              max_length: int | None = None, progress: bool = False) -> np.ndarray:
-    """Returns float32 [N, D] rows in the order of `texts` (empty strings included)."""
+    """Returns float32 [N, D] rows in the order of `texts` (empty strings included). `batch_size` is
+    rounded up to a multiple of the device count. A `max_length` beyond the model's positions is refused:
+    capping it silently would change long texts' embeddings."""
+    if max_length is not None and max_length > self.cfg.max_tokens:
+      raise ValueError(f"max_length {max_length} exceeds the model's {self.cfg.max_tokens} positions")
     max_length = min(max_length or self.tokenizer.max_length, self.cfg.max_tokens)
-    rows = self.tokenizer.token_ids(with_prefix(texts, prefix), max_length)
+    batch_size = -(-batch_size // len(self.devices)) * len(self.devices)
+    first_seen: dict[str, int] = {}  # distinct text → its row among the encoded ones
+    where_N = np.array([first_seen.setdefault(t, len(first_seen)) for t in with_prefix(texts, prefix)], np.int64)
+    rows = self.tokenizer.token_ids(list(first_seen), max_length)
     out_NxD = np.zeros((len(rows), self.cfg.hidden_size), np.float32)
     order = np.argsort([-len(r) for r in rows], kind="stable")
     start, last_report = time.time(), 0.0
@@ -63,20 +84,19 @@ class Embedder:
       out_NxD[idx] = np.asarray(emb_BxD)[:len(idx)]
 
     # With 2 in flight the next batch is dispatched before the last one is fetched, which hides the copy.
-    devices = jax.tree.leaves(self.params)[0].devices()  # where each batch is encoded
-    in_flight = dispatch.InFlight(dispatch.max_in_flight(devices), finish=fetch)
+    in_flight = dispatch.InFlight(dispatch.max_in_flight(self.devices), finish=fetch)
     for b in range(0, len(order), batch_size):
       idx = order[b:b + batch_size]
       batch_rows = [rows[i] for i in idx]
       batch_rows += [[self.tokenizer.pad_id]] * (batch_size - len(idx))  # fixed batch shape
       length = bucket_length(max(len(r) for r in batch_rows), max_length)
-      ids_BxL, mask_BxL = self.tokenizer.pad(batch_rows, length)
+      ids_BxL, mask_BxL = jax.device_put(self.tokenizer.pad(batch_rows, length), self._rows)
       in_flight.admit()
       in_flight.add((idx, _embed_jit(self.params, ids_BxL, mask_BxL, self.cfg)))
       if progress and time.time() - last_report > 5:
         last_report = time.time()
         done = min(b + batch_size, len(order))
-        print(f"embedded {done}/{len(order)} texts ({done / (last_report - start):.0f}/s)",
+        print(f"embedded {done}/{len(order)} distinct texts ({done / (last_report - start):.0f}/s)",
               file=sys.stderr, flush=True)
     in_flight.drain()
-    return out_NxD
+    return out_NxD[where_N]

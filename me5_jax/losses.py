@@ -23,7 +23,9 @@ p⁺_i = p[i, 0], query i's row holds the blocks named in `LossConfig.terms`
 False-negative masking (with `passage_hash`, h_j the hash of candidate j, h⁺_i that of p⁺_i): in qp, a
 column j ≠ i·G with h_j = h⁺_i is dropped from row i (the same text as the positive, elsewhere in the
 global batch); in pq/qq/pp, column j is dropped when h⁺_j = h⁺_i (q_j is then a relevant query for p⁺_i,
-a paraphrase of q_i, and p⁺_j is p⁺_i itself). Dropped columns get a large finite negative logit, never
+a paraphrase of q_i, and p⁺_j is p⁺_i itself). In the distillation term (query i's own G passages), a hard
+negative with h_j = h⁺_i leaves both the teacher's and the student's softmax, so the loss is the loss of
+the group without it. Dropped columns get a large finite negative logit, never
 -inf, whose exp underflows to 0 and whose gradient is 0 rather than NaN.
 """
 from __future__ import annotations
@@ -181,8 +183,14 @@ def _loss_at_dim(q_BxD, p_BxGxD, same_BxN, same_BxB, teacher_BxG, cfg: LossConfi
   loss = nce
   if teacher_BxG is not None:
     student_BxG = jnp.einsum("bd,bgd->bg", q_BxD, p_BxGxD, precision=_EXACT) / cfg.temperature
+    teacher_BxG = teacher_BxG / cfg.teacher_temperature
+    if same_BxN is not None:  # a hard negative with its own positive's text leaves both softmaxes
+      own_BxG = same_BxN.reshape(b, b, g)[jnp.arange(b), jnp.arange(b)]
+      keep_BxG = ~own_BxG.at[:, 0].set(False)  # slot 0 is the positive itself
+      student_BxG = jnp.where(keep_BxG, student_BxG, _MASKED_LOGIT)
+      teacher_BxG = jnp.where(keep_BxG, teacher_BxG, _MASKED_LOGIT)
     log_student_BxG = jax.nn.log_softmax(student_BxG, axis=-1)
-    log_teacher_BxG = jax.nn.log_softmax(teacher_BxG / cfg.teacher_temperature, axis=-1)
+    log_teacher_BxG = jax.nn.log_softmax(teacher_BxG, axis=-1)
     # torch KLDivLoss(reduction="batchmean", log_target=True): Σ p_t (log p_t - log p_s) / B.
     kd = jnp.sum(jnp.exp(log_teacher_BxG) * (log_teacher_BxG - log_student_BxG)) / b
     metrics["loss_kd"] = kd

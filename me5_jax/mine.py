@@ -8,7 +8,9 @@ Negatives of a query (each of its positives gets the same list), in this order:
 1. candidates: its top-k documents by exact cosine search over the whole corpus, on the devices
    (`search.top_k`: score descending, ties by document id);
 2. its known positives (qrels grade > 0) are dropped; documents judged non-relevant (grade <= 0) stay, they
-   are the surest hard negatives;
+   are the surest hard negatives. So is every candidate whose text equals a positive's, exactly or after
+   whitespace normalisation (real corpora store some passages twice under different ids: such a "negative"
+   is the positive itself), and every candidate whose text equals a better-ranked candidate's (kept once);
 3. --skip-top N drops the N best-ranked candidates left after step 2 (so N counts non-positive documents,
    however many positives the query has ranked above them);
 4. --max-score-ratio X drops candidates scoring above X × s_pos, s_pos being the lowest score among the
@@ -79,19 +81,37 @@ def score_threshold(pos_score: float, ratio: float) -> float:
   return pos_score - (1.0 - ratio) * abs(pos_score)
 
 
+def text_key(text: str) -> str:
+  """What two passages must share to count as the same text: their words, whitespace normalised."""
+  return " ".join(text.split())
+
+
 def select_negatives(q_QxD: np.ndarray, p_NxD: np.ndarray, positives: Sequence[np.ndarray],
-                     cfg: MiningConfig) -> tuple[list[np.ndarray], collections.Counter]:
+                     passages: Sequence[str], cfg: MiningConfig) -> tuple[list[np.ndarray], collections.Counter]:
   """Corpus rows of each query's negatives, best first (steps 1-5 of the module docstring), and counts of
-  candidates per fate: retrieved, known_positive, skip_top, max_score_ratio (beyond skip_top),
-  num_negatives (cut by the cap), kept."""
+  candidates per fate: retrieved, known_positive, positive_text (a positive's text under another id),
+  repeated_text (a better candidate's text), skip_top, max_score_ratio (beyond skip_top), num_negatives
+  (cut by the cap), kept."""
   score_QxK, idx_QxK = search.top_k(q_QxD, p_NxD, cfg.top_k)
+  keys: dict[int, str] = {}  # corpus row → text_key, for the rows that come up
+  text_of = lambda j: keys.setdefault(j, text_key(passages[j]))  # noqa: E731
   counts = collections.Counter()
   negatives = []
   for i, pos in enumerate(positives):
-    not_pos_K = ~np.isin(idx_QxK[i], pos)
-    idx, score = idx_QxK[i][not_pos_K], score_QxK[i][not_pos_K]
+    pos_rows = set(pos.tolist())
+    pos_texts = {text_of(j) for j in pos_rows}
+    seen = set(pos_texts)
+    fates = []
+    for j in idx_QxK[i].tolist():
+      text = text_of(j)
+      fates.append("known_positive" if j in pos_rows else "positive_text" if text in pos_texts else
+                   "repeated_text" if text in seen else "candidate")
+      seen.add(text)
+    counts.update(f for f in fates if f != "candidate")
+    cand_K = np.array([f == "candidate" for f in fates], bool)
+    idx, score = idx_QxK[i][cand_K], score_QxK[i][cand_K]
     keep = np.arange(len(idx)) >= cfg.skip_top
-    counts.update(retrieved=len(not_pos_K), known_positive=int((~not_pos_K).sum()), skip_top=int((~keep).sum()))
+    counts.update(retrieved=len(fates), skip_top=int((~keep).sum()))
     if cfg.max_score_ratio is not None:
       pos_score = float(np.min(p_NxD[pos] @ q_QxD[i]))
       below = score <= score_threshold(pos_score, cfg.max_score_ratio)
@@ -150,7 +170,7 @@ def mine(embedder: "Embedder", data: RetrievalData, cfg: MiningConfig, *, teache
   p_NxD = embedder.encode(data.passages, prefix=passage_prefix, **encode)
   q_QxD = embedder.encode(data.queries, prefix=query_prefix, **encode)
   positives = positive_indices(data)
-  negatives, counts = select_negatives(q_QxD, p_NxD, positives, cfg)
+  negatives, counts = select_negatives(q_QxD, p_NxD, positives, data.passages, cfg)
   teacher = None
   if teacher_dir is not None:
     keys = sorted({(i, j) for i, (pos, neg) in enumerate(zip(positives, negatives))

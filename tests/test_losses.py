@@ -68,8 +68,9 @@ def ref_one_dim(q, p, hsh, teacher, cfg):
   if teacher is not None:
     kd = 0.0
     for i in range(B):
-      s = np.array([q[i] @ p[i, g] / tau for g in range(G)])
-      t = teacher[i].astype(np.float64) / cfg.teacher_temperature
+      group = [g for g in range(G) if g == 0 or not same((i, g), (i, 0))]  # own-positive copies leave
+      s = np.array([q[i] @ p[i, g] / tau for g in group])
+      t = teacher[i, group].astype(np.float64) / cfg.teacher_temperature
       log_s, log_t = s - np.log(np.sum(np.exp(s))), t - np.log(np.sum(np.exp(t)))
       kd += np.sum(np.exp(log_t) * (log_t - log_s)) / B
     out["loss_kd"] = kd
@@ -165,6 +166,30 @@ def test_distillation_kl_plus_alpha_infonce():
   want = ref_loss(q, p, hsh, teacher, cfg)
   assert_metrics_match(metrics, want)
   np.testing.assert_allclose(float(loss), want["loss_kd"] + 0.2 * want["loss_contrastive"], rtol=2e-5)
+
+
+def test_hard_negative_equal_to_its_positive_leaves_the_distillation_term():
+  """Query 3's second hard negative is its own positive (another id, the same text): the loss equals the
+  loss of query 3's group without that slot, teacher and student alike."""
+  q, p, hsh = make_batch(4)
+  p[3, 2], hsh[3, 2] = p[3, 0], hsh[3, 0]
+  teacher = np.random.default_rng(5).normal(size=(B, G)).astype(np.float32) * 3
+  teacher[3, 2] = teacher[3, 0]  # the teacher rates a copy of the positive like the positive
+  cfg = LossConfig(teacher_temperature=0.5)
+  _, metrics = loss_jit(q, p, hsh, teacher, cfg=cfg)
+  kd = 0.0
+  for i in range(B):
+    group = [0, 1] if i == 3 else list(range(G))
+    s = q[i].astype(np.float64) @ p[i, group].astype(np.float64).T / cfg.temperature
+    t = teacher[i, group].astype(np.float64) / cfg.teacher_temperature
+    log_s, log_t = s - np.log(np.sum(np.exp(s - s.max()))) - s.max(), t - np.log(np.sum(np.exp(t)))
+    kd += np.sum(np.exp(log_t) * (log_t - log_s)) / B
+  np.testing.assert_allclose(float(metrics["loss_kd"]), kd, rtol=2e-5)
+  assert_metrics_match(metrics, ref_loss(q, p, hsh, teacher, cfg))
+  _, unmasked = loss_jit(q, p, hsh, teacher, cfg=LossConfig(teacher_temperature=0.5, false_negative_masking=False))
+  assert abs(float(unmasked["loss_kd"]) - kd) > 1e-3  # the copy did change the term before masking
+  grads = jax.grad(lambda q, p: e5_loss(q, p, hsh, teacher, cfg=cfg)[0], argnums=(0, 1))(q, p)
+  assert all(np.isfinite(g).all() for g in grads)
 
 
 def test_distillation_kl_is_torch_kldiv_batchmean():

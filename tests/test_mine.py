@@ -92,13 +92,20 @@ def emb(beir, embedder):
   return q_QxD, p_NxD
 
 
-def reference_negatives(q_QxD, p_NxD, positives, top_k, skip_top=0, ratio=None, num=None):
-  """Per query: the corpus rows mine should keep, from a full sort and plain list filtering."""
+def reference_negatives(q_QxD, p_NxD, positives, top_k, skip_top=0, ratio=None, num=None, docs=None):
+  """Per query: the corpus rows mine should keep, from a full sort and plain list filtering (with `docs`,
+  also of the texts equal to a positive's or to a better candidate's, whitespace normalised)."""
   sim_QxN = q_QxD @ p_NxD.T
+  words = lambda j: docs[j].split() if docs else j  # noqa: E731
   out = []
   for i, pos in enumerate(positives):
     ranked = np.lexsort((np.arange(len(p_NxD)), -sim_QxN[i]))[:top_k].tolist()
-    cands = [j for j in ranked if j not in set(pos)][skip_top:]
+    cands, seen = [], [words(j) for j in pos]
+    for j in ranked:
+      if j not in set(pos) and words(j) not in seen:
+        cands.append(j)
+      seen.append(words(j))
+    cands = cands[skip_top:]
     if ratio is not None:
       s_pos = min(sim_QxN[i, j] for j in pos)
       limit = ratio * s_pos if s_pos >= 0 else (2 - ratio) * s_pos
@@ -147,7 +154,7 @@ def mined(beir, me5_small_dir, teacher_dir, tmp_path_factory):
 def test_cli_lines_match_reference_and_drop_positives(beir, emb, mined):
   _, lines, summary = mined
   positives, docs = beir["positives"], beir["docs"]
-  expected = reference_negatives(*emb, positives, TOP_K, SKIP_TOP, RATIO, NUM_NEG)
+  expected = reference_negatives(*emb, positives, TOP_K, SKIP_TOP, RATIO, NUM_NEG, docs)
   want = [(q, docs[j], [docs[n] for n in neg]) for q, pos, neg in zip(beir["query_texts"], positives, expected)
           for j in pos]
   assert [(r["query"], r["positive"], r["negatives"]) for r in lines] == want  # one line per (query, positive)
@@ -160,7 +167,8 @@ def test_cli_lines_match_reference_and_drop_positives(beir, emb, mined):
   c = summary["candidates"]
   assert c["known_positive"] > 0 and c["skip_top"] == SKIP_TOP * len(positives)
   assert c["max_score_ratio"] > 0 and c["num_negatives"] > 0 and c["kept"] > 0
-  assert c["retrieved"] == c["known_positive"] + c["skip_top"] + c["max_score_ratio"] + c["num_negatives"] + c["kept"]
+  fates = ("known_positive", "positive_text", "repeated_text", "skip_top", "max_score_ratio", "num_negatives", "kept")
+  assert c["retrieved"] == sum(c.get(f, 0) for f in fates)
   assert summary["lines"] == len(lines)
 
 
@@ -172,8 +180,8 @@ def test_select_negatives_filters_match_reference(beir, emb, skip_top, ratio, nu
   emb = tuple(np.round(e * 256) / 256 for e in emb)
   positives = beir["positives"]
   cfg = mine.MiningConfig(top_k=TOP_K, skip_top=skip_top, max_score_ratio=ratio, num_negatives=num)
-  got, counts = mine.select_negatives(*emb, [np.array(p) for p in positives], cfg)
-  want = reference_negatives(*emb, positives, TOP_K, skip_top, ratio, num)
+  got, counts = mine.select_negatives(*emb, [np.array(p) for p in positives], beir["docs"], cfg)
+  want = reference_negatives(*emb, positives, TOP_K, skip_top, ratio, num, beir["docs"])
   assert [g.tolist() for g in got] == want
   if ratio is not None:
     assert counts["max_score_ratio"] > 0
@@ -188,9 +196,38 @@ def test_ratio_filter_on_negative_positive_scores():
   positives = [rng.choice(200, size=1 + i % 3, replace=False) for i in range(40)]
   assert sum(min(p_NxD[p] @ q_QxD[i]) < 0 for i, p in enumerate(positives)) > 5
   for ratio in (0.8, 1.2):
-    got, _ = mine.select_negatives(q_QxD, p_NxD, positives, mine.MiningConfig(top_k=200, max_score_ratio=ratio))
+    got, _ = mine.select_negatives(q_QxD, p_NxD, positives, [f"doc {j}" for j in range(200)],
+                                   mine.MiningConfig(top_k=200, max_score_ratio=ratio))
     want = reference_negatives(q_QxD, p_NxD, [p.tolist() for p in positives], 200, ratio=ratio)
     assert [g.tolist() for g in got] == want
+
+
+def test_planted_duplicates_of_positives_never_become_negatives(beir, embedder, tmp_path):
+  """Every positive stored twice more under other ids (the same text, and with its whitespace changed), and
+  some other documents twice: no line's negatives hold its positives' words, and none repeats a text."""
+  with open(beir["corpus"], encoding="utf-8") as f:
+    docs = [json.loads(line) for line in f]
+  positive_ids = {beir["doc_ids"][j] for pos in beir["positives"] for j in pos}
+  extra = []
+  for i, d in enumerate(docs):
+    if d["_id"] in positive_ids:
+      extra.append({**d, "_id": "copy." + d["_id"]})
+      extra.append({"_id": "spaced." + d["_id"], "title": d["title"],
+                    "text": "  " + d["text"].replace(" ", " \n ") + "\t"})
+    elif i % 3 == 0:
+      extra.append({**d, "_id": "again." + d["_id"]})
+  corpus = _write(tmp_path / "corpus.jsonl", [json.dumps(d, ensure_ascii=False) for d in docs + extra])
+  data = load_retrieval_files(corpus, beir["queries"], beir["qrels"])
+  records, counts = mine.mine(embedder, data, mine.MiningConfig(top_k=TOP_K), max_length=MAX_LENGTH)
+  assert counts["positive_text"] >= 2 * len(beir["positives"]) and counts["repeated_text"] > 0
+  key = lambda text: " ".join(text.split())  # noqa: E731
+  positives_of = {}
+  for r in records:
+    positives_of.setdefault(r["query"], set()).add(key(r["positive"]))
+  for r in records:
+    negatives = [key(n) for n in r["negatives"]]
+    assert not positives_of[r["query"]] & set(negatives), r["query"]
+    assert len(set(negatives)) == len(negatives) > 0
 
 
 def test_teacher_scores_are_the_cross_encoders_logits(mined, teacher_dir):
@@ -218,7 +255,7 @@ def test_without_teacher_scores_are_left_out(beir, emb):
   data = load_retrieval_files(beir["corpus"], beir["queries"], beir["qrels"])
   positives = mine.positive_indices(data)
   assert [p.tolist() for p in positives] == beir["positives"]
-  negatives, _ = mine.select_negatives(*emb, positives, mine.MiningConfig(top_k=TOP_K))
+  negatives, _ = mine.select_negatives(*emb, positives, data.passages, mine.MiningConfig(top_k=TOP_K))
   records = mine.stage2_records(data, positives, negatives)
   assert len(records) == sum(map(len, positives))
   assert all(set(r) == {"query", "positive", "negatives", "task"} and r["task"] == "" for r in records)
