@@ -135,8 +135,8 @@ def write_mining_set(out_dir: str, query_columns: Sequence[str], corpus_column: 
 
 def main(argv: Sequence[str] | None = None) -> int:
   """`python -m data_pipelines.bible --mining-set DIR [--queries de:e,fr:l] [--every N] [--bible-db PATH]`"""
-  import argparse
-  ap = argparse.ArgumentParser(prog="python -m data_pipelines.bible", description=write_mining_set.__doc__.split(":")[0])
+  from me5_jax import cli
+  ap = cli.parser("data_pipelines.bible", write_mining_set.__doc__.split(":")[0])
   ap.add_argument("--mining-set", required=True, help="output BEIR folder (corpus.jsonl, queries.jsonl, qrels.tsv)")
   ap.add_argument("--queries", default="de:e,fr:l,es:v,it:d,pt:a", help="comma-separated query columns")
   ap.add_argument("--corpus", default="en:4", help="corpus column")

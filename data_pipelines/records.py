@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
+import os
 from typing import Any, Callable, Iterator, Sequence
 
 from data_pipelines import readers
@@ -31,7 +32,9 @@ REASONS = {
     "non_string": "a text field holds a non-string value",
     "empty_text": "a text field is empty or whitespace-only",
     "bad_negatives": "negatives is not a list",
-    "bad_score": "a teacher score that is not a finite number, or negative_scores not matching negatives",
+    "bad_score": "a score that is not a finite number, or negative_scores not matching negatives",
+    "duplicate_id": "an `_id` seen before in the same file (the first record is kept)",
+    "unknown_id": "a qrels row naming a query or document that is not loaded",
 }
 EXAMPLES_PER_REASON = 5  # locations kept per reason in the report, to find the damage quickly
 
@@ -89,7 +92,7 @@ class BuildReport:
     self.examples: dict[str, list[str]] = collections.defaultdict(list)
 
   def _file(self, path: str) -> dict[str, Any]:
-    return self.by_file.setdefault(path, {"valid": 0, "skipped": collections.Counter()})
+    return self.by_file.setdefault(path, {"valid": 0, "skipped": collections.Counter(), "first": {}})
 
   def ok(self, path: str) -> None:
     self.valid += 1
@@ -101,8 +104,18 @@ class BuildReport:
       raise BadRecordError(f"{where}: {reason}: {detail}")
     self.skipped[reason] += 1
     self._file(path)["skipped"][reason] += 1
+    self._file(path)["first"].setdefault(reason, f"{where}: {reason}: {detail}")
     if len(self.examples[reason]) < EXAMPLES_PER_REASON:
       self.examples[reason].append(f"{where}: {detail}")
+
+  def skipped_by_file(self) -> dict[str, int]:
+    """{"<file name>: <reason>": count}, as evaluation results report what they left out."""
+    return {f"{os.path.basename(p)}: {r}": n for p, f in self.by_file.items() for r, n in f["skipped"].items()}
+
+  def first_bad(self) -> list[str]:
+    """One line per file and reason: the first skipped record (FILE:LINE: reason: detail) and the count."""
+    return [f"{first} ({f['skipped'][reason]} skipped, the first shown)"
+            for f in self.by_file.values() for reason, first in f["first"].items()]
 
   def to_json(self) -> dict[str, Any]:
     return {"valid": self.valid, "skipped": dict(self.skipped), "skipped_total": sum(self.skipped.values()),

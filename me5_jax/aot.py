@@ -33,10 +33,12 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from me5_jax import config as config_lib, hlo_collectives, sharding, tpu_topology
+from me5_jax import cli, config as config_lib, hlo_collectives, sharding, tpu_topology
 from me5_jax import train_step as ts
 from me5_jax.metric_writer import flops_per_sequence
 from me5_jax.variants import VARIANTS, EncoderConfig, get_variant
+
+PROGRAM = "me5_jax.aot"  # its `<program>: error:` lines (me5_jax.cli)
 
 
 def abstract_batch(batch_size: int, query_len: int, passage_len: int, group_size: int, teacher: bool,
@@ -251,8 +253,10 @@ def main(argv: list[str]) -> None:
           f"{e.available_gib:g} GiB ({e})\n  to fit: {FIT_KNOBS}; e.g. "
           f"--config.gradcache.chunk_size={fitting_chunk_size(config, mesh, e)}")
     sys.exit(1)
-  except (ValueError, KeyError, RuntimeError) as e:  # config, flag and install errors: one line
-    sys.exit(f"me5_jax.aot: error: {e.args[0] if e.args else e}")
+  except (ValueError, KeyError) as e:  # config and flag errors: one line
+    sys.exit(cli.error(PROGRAM, e.args[0] if e.args else e))
+  except RuntimeError as e:  # the compiler or its install (libtpu)
+    sys.exit(cli.error(PROGRAM, e.args[0] if e.args else e, cli.FAILED))
   print(f"compiled in {time.time() - start:.0f} s")
   hbm = args.device_memory_gb * 1e9 or (tpu_slice.generation.hbm_gib * 2**30 if tpu_slice else 0.0)
   print(report(compiled, enc_cfg, shape, len(devices), config.total_steps, hbm_bytes=hbm,
@@ -261,4 +265,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=cli.absl_flags_parser(PROGRAM))

@@ -15,7 +15,9 @@ from typing import Sequence
 
 import numpy as np
 
-from me5_jax import compile_cache
+from me5_jax import cli, compile_cache
+
+PROGRAM = "me5_jax.embed"  # its `<program>: error:` lines (me5_jax.cli)
 
 PROGRESS_MIN_TEXTS = 1000  # below this an embedding run takes seconds: no progress lines
 
@@ -46,7 +48,7 @@ def read_lines(path: str) -> list[str]:
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  ap = argparse.ArgumentParser(prog="python -m me5_jax.embed", description=__doc__.split("\n")[0])
+  ap = cli.parser(PROGRAM, __doc__)
   ap.add_argument("--model", required=True, help="HF model folder (config.json, weights, tokenizer)")
   ap.add_argument("--input", required=True, help="UTF-8 text file, one text per line")
   ap.add_argument("--output", required=True, help="where to write the float32 [N, D] .npy")
@@ -75,15 +77,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not os.path.isdir(out_dir):
       raise InputError(f"{args.output}: the output folder {out_dir} does not exist")
   except (InputError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    return cli.error(PROGRAM, e)
 
   from me5_jax.embedder import Embedder
   try:
-    embedder = Embedder.from_pretrained(args.model)
+    embedder = Embedder.from_pretrained(args.model, max_length=args.max_length)
   except (FileNotFoundError, ValueError) as e:  # the loaders name the file and the key
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    return cli.error(PROGRAM, e)
   long_input = len(texts) >= PROGRESS_MIN_TEXTS
   start = time.time()
   emb_NxD = embedder.encode(texts, prefix=args.prefix, batch_size=args.batch_size,

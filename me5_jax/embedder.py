@@ -59,7 +59,7 @@ class Embedder:
     tokenizer = Tokenizer.from_dir(path, max_length)
     cfg, params = hf_io.load_pretrained(path, dtype=dtype)
     if max_length is not None and max_length > cfg.max_tokens:
-      raise ValueError(f"max_length {max_length} exceeds the {cfg.max_tokens} positions of the model in {path}")
+      raise ValueError(f"max length {max_length} exceeds the {cfg.max_tokens} positions of the model in {path}")
     tokenizer.max_length = min(tokenizer.max_length, cfg.max_tokens)  # the tokenizer's own default may be larger
     return cls(cfg, params, tokenizer)
 

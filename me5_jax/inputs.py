@@ -27,7 +27,10 @@ def model_source(config) -> tuple[str, EncoderConfig, Callable[[], Any]]:
   fresh init of `model_variant`); the trainer calls it only when there is no checkpoint to resume."""
   if not config.init_checkpoint:
     return "", get_variant(config.model_variant), lambda: None
-  model_dir = fetch.resolve_model(config.init_checkpoint)
+  try:
+    model_dir = fetch.resolve_model(config.init_checkpoint)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"config key init_checkpoint: {e}") from None
   return model_dir, hf_io.pretrained_config(model_dir), lambda: hf_io.load_pretrained(model_dir)[1]
 
 

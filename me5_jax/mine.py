@@ -42,9 +42,12 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from me5_jax import compile_cache, search
-from me5_jax.evaluate import DataError, RetrievalData, load_retrieval_files
+from me5_jax import cli, compile_cache, search
+from data_pipelines.readers import InputError
+from me5_jax.evaluate import RetrievalData, load_retrieval_files
 from me5_jax.tokenize import PASSAGE_PREFIX, QUERY_PREFIX
+
+PROGRAM = "me5_jax.mine"  # its `<program>: error:` lines (me5_jax.cli)
 
 if TYPE_CHECKING:
   from me5_jax.embedder import Embedder
@@ -130,7 +133,7 @@ def teacher_scores(teacher_dir: str, pairs: list[tuple[str, str]], batch_size: i
     import torch
     from sentence_transformers import CrossEncoder
   except ImportError as e:
-    raise DataError(f"--teacher needs PyTorch and sentence-transformers (pip install 'me5_jax[torch]'): {e}")
+    raise InputError(f"--teacher needs PyTorch and sentence-transformers (pip install 'me5_jax[torch]'): {e}")
   model = CrossEncoder(teacher_dir)
   chunk = max(batch_size * 16, 1)  # predict per chunk, to report progress
   out_P = np.zeros(len(pairs), np.float32)
@@ -186,7 +189,7 @@ def mine(embedder: "Embedder", data: RetrievalData, cfg: MiningConfig, *, teache
 # ---------------------------------------------------------------------------------------------------
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  ap = argparse.ArgumentParser(prog="python -m me5_jax.mine", description=__doc__.split("\n")[0])
+  ap = cli.parser(PROGRAM, __doc__)
   ap.add_argument("--model", required=True, help="HF model folder that retrieves the candidates")
   ap.add_argument("--queries", required=True, help="BEIR queries.jsonl ({_id, text})")
   ap.add_argument("--corpus", required=True, help="BEIR corpus.jsonl ({_id, title, text})")
@@ -216,25 +219,24 @@ def main(argv: Sequence[str] | None = None) -> int:
       raise ValueError("--batch-size and --max-length must be >= 1")
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir) or os.path.isdir(args.out):
-      raise DataError(f"{args.out}: cannot write there (no such folder, or a folder)")
+      raise InputError(f"{args.out}: cannot write there (no such folder, or a folder)")
     hf_io.check_model_dir(args.model)
     if args.teacher is not None:
       hf_io.check_model_dir(args.teacher)
     data = load_retrieval_files(args.corpus, args.queries, args.qrels)
-  except (DataError, ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  except (InputError, ValueError, FileNotFoundError) as e:
+    return cli.error(PROGRAM, e)
   print(f"mining {len(data.query_ids)} queries with positives over {len(data.doc_ids)} documents",
         file=sys.stderr, flush=True)
   from me5_jax.embedder import Embedder
-  embedder = Embedder.from_pretrained(args.model)
   try:
+    embedder = Embedder.from_pretrained(args.model, max_length=args.max_length)
     records, counts = mine(embedder, data, cfg, teacher_dir=args.teacher, task=args.task,
                            query_prefix=args.query_prefix, passage_prefix=args.passage_prefix,
                            batch_size=args.batch_size, max_length=args.max_length, progress=True)
-  except DataError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  except (InputError, ValueError, FileNotFoundError) as e:  # a missing tensor, --max-length beyond the model's
+    # positions, --teacher without PyTorch
+    return cli.error(PROGRAM, e)
   tmp = args.out + ".tmp"
   with open(tmp, "w", encoding="utf-8") as f:
     f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
@@ -242,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   num_neg_Q = np.array([len(r["negatives"]) for r in records])
   summary = {"out": args.out, "lines": len(records), "queries": len(data.query_ids), "docs": len(data.doc_ids),
              "candidates": dict(counts), "lines_without_negatives": int((num_neg_Q == 0).sum()),
-             "mean_negatives": float(num_neg_Q.mean()), "teacher": args.teacher, "skipped": data.bad.as_dict()}
+             "mean_negatives": float(num_neg_Q.mean()), "teacher": args.teacher, "skipped": data.skipped.skipped_by_file()}
   print(f"wrote {len(records)} lines to {args.out}; candidates {dict(counts)}", file=sys.stderr)
   print(json.dumps(summary), flush=True)
   return 0

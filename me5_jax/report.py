@@ -6,10 +6,13 @@ so the table's "after" column is what a user of the exported model gets.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
+
+from me5_jax import cli
+
+PROGRAM = "me5_jax.report"  # its `<program>: error:` lines (me5_jax.cli)
 
 
 def eval_history(workdir: str) -> list[dict]:
@@ -47,19 +50,17 @@ def reload_bitext(workdir: str) -> dict[str, float]:
 
 
 def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap = cli.parser(PROGRAM, __doc__)
   ap.add_argument("--workdir", required=True)
   ap.add_argument("--reload", action="store_true", help="re-score the export through sentence-transformers")
   args = ap.parse_args(argv)
   try:
     history = eval_history(args.workdir)
   except FileNotFoundError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    return cli.error(PROGRAM, e)
   if len(history) < 2:
-    print(f"error: {args.workdir}/metrics.jsonl has {len(history)} evaluation(s); need one before and one "
-          "after training", file=sys.stderr)
-    return 2
+    return cli.error(PROGRAM, f"{args.workdir}/metrics.jsonl has {len(history)} evaluation(s); need one "
+                     "before and one after training")
   first, last = history[0], history[-1]
   before, after = bitext_columns(first), bitext_columns(last)
   reloaded = reload_bitext(args.workdir) if args.reload else {}

@@ -17,7 +17,6 @@ from __future__ import annotations
 import glob
 import logging
 import os
-import re
 import signal
 import sys
 import time
@@ -25,7 +24,9 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-from me5_jax import compile_cache
+from me5_jax import cli, compile_cache
+
+PROGRAM = "me5_jax.train"  # its `<program>: error:` lines (me5_jax.cli)
 
 config_flags.DEFINE_config_file("config", None, "configs/<name>.py[:arg]", lock_config=True)
 flags.DEFINE_string("workdir", None, "run directory: checkpoints, metrics.jsonl, export/")
@@ -38,20 +39,6 @@ flags.DEFINE_integer("process_id", int(os.environ.get("ME5_PROCESS_ID", "0")),
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 log = logging.getLogger("me5_jax.train")
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl's parser; an override of a key the config lacks becomes one line naming it (ml_collections
-  raises a bare KeyError/AttributeError from inside the parser)."""
-  try:
-    return app.parse_flags_with_usage(argv)
-  except (AttributeError, KeyError) as e:
-    key = re.findall(r"\w+", str(e))[0]
-    arg = next((a.split("=")[0] for a in argv if a.startswith("--config.") and key in a.split("=")[0].split(".")),
-               "--config")
-    hint = re.search(r'Did you mean "([^"]+)"', str(e))
-    sys.exit(f"FATAL Flags parsing error: {arg}: the config has no key {key!r}"
-             + (f"; did you mean {hint[1]!r}?" if hint else ""))
 
 
 # ================================================================================== Distributed
@@ -77,7 +64,12 @@ def _on_tpu_vm() -> bool:
 
 class TrainError(Exception):
   """Why the run cannot start or go on, in one line (a bad config key or file, a non-finite step).
-  `main` prints it as `me5_jax.train: ...` and exits 1; in-process callers catch it."""
+  `main` prints it as `me5_jax.train: error: ...` and exits with `status` (`me5_jax.cli`: 2 for bad input,
+  1 for a failure while running); in-process callers catch it."""
+
+  def __init__(self, message: str, status: int = cli.BAD_INPUT):
+    super().__init__(message)
+    self.status = status
 
 
 def main(argv) -> None:
@@ -92,7 +84,7 @@ def main(argv) -> None:
   try:
     train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except TrainError as e:
-    sys.exit(f"me5_jax.train: {e}")
+    sys.exit(cli.error(PROGRAM, e, e.status))
 
 
 def train_and_evaluate(config, workdir: str) -> None:
@@ -179,7 +171,8 @@ def train_and_evaluate(config, workdir: str) -> None:
 
   def stop_non_finite(step: int, what: str) -> None:
     raise TrainError(f"{what} at step {step}: stopping. The newest checkpoint is step "
-                     f"{max(ckpt.steps(), default=0)} in {ckpt.directory}; lower learning_rate or check the data")
+                     f"{max(ckpt.steps(), default=0)} in {ckpt.directory}; lower learning_rate or check the data",
+                     cli.FAILED)
 
   timer = {"t": time.time(), "step": start_step, "flops": 0.0}
 
@@ -276,4 +269,4 @@ def train_and_evaluate(config, workdir: str) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.absl_flags_parser(PROGRAM))

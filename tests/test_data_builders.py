@@ -272,7 +272,7 @@ def test_cli_summary_and_strict_exit(tmp_path):
   files, good, skips, first_bad = damaged_inputs(tmp_path)
   data = str(tmp_path / "data")
   out = run_cli("--source", "custom", "--files", *files, "--data-dir", data, "--strict")
-  assert out.returncode == 1 and out.stderr.startswith(f"error: {first_bad}: malformed_json: "), out.stderr
+  assert out.returncode == 2 and out.stderr.startswith(f"data_pipelines.build: error: {first_bad}: malformed_json: "), out.stderr
   assert not os.path.exists(os.path.join(data, "me5_pairs", "custom", "1.0.0"))
   out = run_cli("--source", "custom", "--files", *files, "--data-dir", data)
   assert out.returncode == 0, out.stderr
@@ -282,7 +282,7 @@ def test_cli_summary_and_strict_exit(tmp_path):
   for reason, n in counts.items():
     assert any(line.split()[:2] == [reason, str(n)] for line in out.stdout.splitlines()), (reason, out.stdout)
   out = run_cli("--source", "custom", "--files", str(tmp_path / "nope.jsonl"), "--data-dir", data)
-  assert out.returncode == 1 and out.stderr.strip().endswith("nope.jsonl: no such file")
+  assert out.returncode == 2 and out.stderr.strip().endswith("nope.jsonl: no such file")
 
 
 HIDE_TF = r"""

@@ -59,7 +59,7 @@ def test_bad_utf8_names_the_line_before_loading_anything(tmp_path):
   # A missing model folder too: the input is checked first, so its error is the one reported.
   proc = run_cli("--model", str(tmp_path / "no_model"), "--input", str(src), "--output", str(tmp_path / "e.npy"))
   assert proc.returncode == 2
-  assert proc.stderr.strip() == f"error: {src}:3: not valid UTF-8 (byte 0xe9 at column 4)"
+  assert proc.stderr.strip() == f"me5_jax.embed: error: {src}:3: not valid UTF-8 (byte 0xe9 at column 4)"
   assert not (tmp_path / "e.npy").exists()
 
 
@@ -80,7 +80,7 @@ def test_incomplete_model_folder_is_one_line_error(minilm_dir, tmp_path, capsys,
   src.write_text("hello\n", encoding="utf-8")
   assert embed.main(["--model", str(model), "--input", str(src), "--output", str(tmp_path / "e.npy")]) == 2
   err = capsys.readouterr().err
-  assert err.count("\n") == 1 and err.startswith("error: ") and str(model) in err and message in err
+  assert err.count("\n") == 1 and err.startswith("me5_jax.embed: error: ") and str(model) in err and message in err
 
 
 def test_output_folder_must_exist(minilm_dir, tmp_path, capsys):

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from data_pipelines.records import REASONS
 from me5_jax import evaluate
 from test_metrics import ref_average_ranks, ref_p_at_1, ref_pearson, ref_retrieval_metrics
 
@@ -101,17 +102,18 @@ def test_retrieval_cli_counts_bad_rows_and_matches_reference(tmp_path, minilm_di
                  "--batch-size", "8", "--max-length", "128")
   got = _last_json(proc)
   assert json.loads(out_path.read_text()) == got
-  for where, reason in [(f"{corpus_path}:4", "bad JSON"), (f"{corpus_path}:5", "missing _id"),
-                        (f"{corpus_path}:7", "duplicate _id"), (f"{queries_path}:7", "bad JSON"),
-                        (f"{queries_path}:8", "missing or non-string text"),
-                        (f"{qrels_path}:11", "ragged row"), (f"{qrels_path}:12", "non-numeric score"),
-                        (f"{qrels_path}:13", "unknown query-id"), (f"{qrels_path}:14", "unknown corpus-id")]:
+  # The build's reason names (data_pipelines.records.REASONS); the first row of each file and reason shown.
+  for where, reason in [(f"{corpus_path}:4", "malformed_json"), (f"{corpus_path}:5", "missing_field: _id"),
+                        (f"{corpus_path}:7", "duplicate_id: _id 'd2'"), (f"{queries_path}:7", "malformed_json"),
+                        (f"{queries_path}:8", "missing_field: text"), (f"{qrels_path}:11", "ragged_row"),
+                        (f"{qrels_path}:12", "bad_score: 'high'"), (f"{qrels_path}:13", "unknown_id: query-id 'q7'")]:
     assert f"{where}: {reason}" in proc.stderr, (where, reason, proc.stderr[-3000:])
+  assert "(2 skipped, the first shown)" in proc.stderr  # q7 and d99: both unknown_id
+  assert set(got["skipped"]) <= {f"{f}: {r}" for f in ("corpus.jsonl", "queries.jsonl", "test.tsv") for r in REASONS}
   assert got["skipped"] == {
-      "corpus.jsonl: bad JSON": 1, "corpus.jsonl: missing _id": 1, "corpus.jsonl: duplicate _id": 1,
-      "queries.jsonl: bad JSON": 1, "queries.jsonl: missing or non-string text": 1,
-      "test.tsv: ragged row (header has 3 fields)": 1, "test.tsv: non-numeric score": 1,
-      "test.tsv: unknown query-id": 1, "test.tsv: unknown corpus-id": 1}
+      "corpus.jsonl: malformed_json": 1, "corpus.jsonl: missing_field": 1, "corpus.jsonl: duplicate_id": 1,
+      "queries.jsonl: malformed_json": 1, "queries.jsonl: missing_field": 1,
+      "test.tsv: ragged_row": 1, "test.tsv: bad_score": 1, "test.tsv: unknown_id": 2}
   assert (got["num_queries"], got["num_docs"], got["num_qrels"]) == (5, 10, 9)
 
   passages = [(t + " " + x).strip() for _, t, x in CORPUS]
@@ -128,8 +130,8 @@ def test_bitext_cli_default_pivot_prefix_and_bad_rows(tmp_path, minilm_dir, st_m
   proc = run_cli("--model", minilm_dir, "--task", "bitext", "--data", path, "--query-prefix", "query: ",
                  "--batch-size", "8", "--max-length", "128")
   got = _last_json(proc)
-  assert f"{path}:5: ragged row" in proc.stderr and f"{path}:6: empty cell" in proc.stderr
-  assert got["skipped"] == {"bitext.tsv: ragged row (header has 4 fields)": 1, "bitext.tsv: empty cell": 1}
+  assert f"{path}:5: ragged_row" in proc.stderr and f"{path}:6: empty_text: column DE" in proc.stderr
+  assert got["skipped"] == {"bitext.tsv: ragged_row": 1, "bitext.tsv: empty_text": 1}
   assert got["pivot"] == "EN" and got["num_rows"] == len(BITEXT) and set(got["p@1"]) == {"DE", "FR"}
   emb = {lang: st_model([r[k] for r in BITEXT], "query: ") for k, lang in [(1, "EN"), (2, "DE"), (3, "FR")]}
   for lang in ("DE", "FR"):
@@ -147,7 +149,7 @@ def test_sts_cli_matches_reference(tmp_path, minilm_dir, st_model):
   ] + [f"news\t{a}\t{b}\t{s}" for a, b, s in STS[4:]])
   got = _last_json(run_cli("--model", minilm_dir, "--task", "sts", "--data", path,
                            "--batch-size", "8", "--max-length", "128"))
-  assert got["skipped"] == {"sts.tsv: non-numeric score": 1, "sts.tsv: ragged row (header has 4 fields)": 1}
+  assert got["skipped"] == {"sts.tsv: bad_score": 1, "sts.tsv: ragged_row": 1}
   assert got["num_pairs"] == len(STS)
   cos = np.sum(st_model([a for a, _, _ in STS]) * st_model([b for _, b, _ in STS]), axis=1).tolist()
   gold = [s for _, _, s in STS]
@@ -177,7 +179,7 @@ def test_cli_model_folder_without_tokenizer_is_a_one_line_error(tmp_path):
   path = _write(tmp_path / "sts.tsv", ["sentence1\tsentence2\tscore", "a\tb\t1", "c\td\t2"])
   proc = run_cli("--model", str(tmp_path), "--task", "sts", "--data", path, timeout=120)
   assert proc.returncode == 2 and proc.stdout == ""
-  assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith(f"error: {tmp_path}")
+  assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith(f"me5_jax.evaluate: error: {tmp_path}")
 
 
 def test_cli_checkpoint_missing_a_tensor_is_a_one_line_error(tmp_path, minilm_dir):

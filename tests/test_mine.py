@@ -327,13 +327,13 @@ def test_bad_inputs_fail_in_one_line_naming_the_file(beir, me5_small_dir, tmp_pa
   proc = subprocess.run([sys.executable, "-m", "me5_jax.mine", *base, "--qrels", bad_qrels], cwd=REPO,
                         capture_output=True, text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert proc.returncode == 2 and proc.stderr.strip() == (
-      f"error: {bad_qrels}:1: expected header 'query-id<TAB>corpus-id<TAB>score', got ['qid', 'did', 'score']")
+      f"me5_jax.mine: error: {bad_qrels}:1: expected header 'query-id<TAB>corpus-id<TAB>score', got ['qid', 'did', 'score']")
   for args, named in [(["--qrels", str(tmp_path / "missing.tsv")], "missing.tsv"),
                       (["--qrels", beir["qrels"], "--teacher", str(tmp_path)], "config.json"),
                       (["--qrels", beir["qrels"], "--skip-top", "-1"], "--skip-top")]:
     assert mine.main(base + args) == 2, args
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and named in err, err
+    assert err.startswith("me5_jax.mine: error: ") and "\n" not in err and named in err, err
   assert not os.path.exists(tmp_path / "o.jsonl")
 
 

@@ -125,7 +125,7 @@ def test_fsdp_config_on_v5p_reduces_gradients_once_per_step_unless_told_per_chun
 def test_cli_without_a_slice_name_it_knows_is_one_line_naming_the_forms():
   out = subprocess.run([sys.executable, "-m", "me5_jax.aot", "--topology", "v5p-7"], capture_output=True, text=True,
                        timeout=120)
-  assert out.returncode == 1 and out.stderr.strip().splitlines()[-1].startswith("me5_jax.aot: error: --topology")
+  assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].startswith("me5_jax.aot: error: --topology")
 
 
 @pytest.mark.filterwarnings("ignore:Error reading persistent compilation cache")

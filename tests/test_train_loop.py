@@ -270,8 +270,9 @@ def test_non_finite_loss_stops_naming_the_step_and_saves_nothing_of_it(tiny, tmp
   workdir = str(tmp_path / "run")
   run = Run(train_cmd(tiny, workdir, "--config.learning_rate=1e10", "--config.checkpoint_every_steps=1"),
             tmp_path / "nan.log")
-  assert run.wait() != 0
+  assert run.wait() == 1  # a failure while running (me5_jax.cli)
   last_line = run.output().strip().splitlines()[-1]
+  assert last_line.startswith("me5_jax.train: error: "), last_line
   found = re.search(r"(loss|gradient norm|parameters) .* at step (\d+)", last_line)
   assert found and "nan" in last_line.lower(), run.output()[-3000:]
   bad_step = int(found[2])
@@ -282,6 +283,8 @@ def test_non_finite_loss_stops_naming_the_step_and_saves_nothing_of_it(tiny, tmp
     ("--config.nope=1", "nope"),
     ("--config.batch_size=-3", "batch_size"),
     ("--config.batch_size=12", "batch_size"),  # not a multiple of the 8 devices
+    ("--config.init_checkpoint=/no/such/folder", "init_checkpoint: model folder /no/such/folder does not exist"),
+    ("--nope=1", "Unknown command line flag 'nope'"),
 ])
 def test_bad_config_fails_fast_with_one_line_naming_the_key(override, key, tiny, tmp_path):
   workdir = tmp_path / "run"
@@ -289,9 +292,10 @@ def test_bad_config_fails_fast_with_one_line_naming_the_key(override, key, tiny,
   proc = subprocess.run(train_cmd(tiny, workdir, override), cwd=REPO, env=env(), capture_output=True, text=True,
                         timeout=TIMEOUT)
   elapsed = time.time() - start
-  assert proc.returncode != 0
+  assert proc.returncode == 2  # bad input (me5_jax.cli)
   lines = proc.stderr.strip().splitlines()
-  assert key in lines[-1] and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  assert lines[-1].startswith("me5_jax.train: error: ") and key in lines[-1], proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
   assert "initialised" not in proc.stderr and not os.path.exists(workdir / "checkpoints")  # before any work
   assert elapsed < 30, f"took {elapsed:.1f}s"  # imports only; a compile would add more on this machine
 
