@@ -3,7 +3,9 @@
 Writes float32 [N, D] L2-normalised rows in input order; line i of the input is row i, empty lines
 included. Only the line ending (LF or CRLF) is stripped, so leading/trailing spaces are part of a text.
 Bad input (undecodable bytes, a missing model folder, config, weights or tokenizer) is reported as one
-line naming what to fix, with exit status 2, before the model is loaded.
+line naming what to fix, with exit status 2, before the model is loaded. Texts are encoded on every device
+of the run, each distinct text once; launched as several processes (`me5_jax.distributed`: ME5_COORDINATOR,
+ME5_NUM_PROCESSES, ME5_PROCESS_ID; ME5_CPU_DEVICES for simulated CPU devices), process 0 writes the file.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from me5_jax import cli, compile_cache
+from me5_jax import cli, compile_cache, distributed
 
 PROGRAM = "me5_jax.embed"  # its `<program>: error:` lines (me5_jax.cli)
 
@@ -68,6 +70,7 @@ def _positive(value: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = _parse_args(argv)
+  distributed.initialize()
   compile_cache.enable()
   from me5_jax import hf_io  # imported here so `--help` and argument errors come back at once
   try:
@@ -88,8 +91,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   start = time.time()
   emb_NxD = embedder.encode(texts, prefix=args.prefix, batch_size=args.batch_size,
                             max_length=args.max_length, progress=long_input)
-  with open(args.output, "wb") as f:  # an open file: np.save would append .npy to other names
-    np.save(f, emb_NxD.astype(np.float32, copy=False))
+  if embedder.is_writer:
+    with open(args.output, "wb") as f:  # an open file: np.save would append .npy to other names
+      np.save(f, emb_NxD.astype(np.float32, copy=False))
   if long_input:
     print(f"embedded {len(texts)} texts in {time.time() - start:.1f}s → {args.output} {emb_NxD.shape}",
           file=sys.stderr)

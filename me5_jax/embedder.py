@@ -2,8 +2,10 @@
 
 Each distinct (prefixed) text is encoded once and its row copied to every place it occurs: STS and
 retrieval sets repeat texts (the Lee document-similarity set has 2,450 texts and 50 distinct ones).
-Every batch is split row-wise over the local devices (params replicated on each), so a corpus encodes
-at the speed of all of them; results equal one device's.
+Every batch is split row-wise over the devices (params replicated on each), so a corpus encodes at the
+speed of all of them; results equal one device's. By default that is every device of the run: launched as
+several processes (`me5_jax.distributed`), each process calls `encode` with the same texts, feeds its own
+devices' rows and gets all the embeddings back.
 
 Texts are sorted by token count so each batch pads little, and every batch is padded to a
 (batch_size, bucket length) shape from a short list, so a whole corpus compiles a handful of programs.
@@ -19,7 +21,7 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
-
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from me5_jax import dispatch, encoder as enc
@@ -36,6 +38,11 @@ def bucket_length(n: int, max_length: int) -> int:
   return min([b for b in _BUCKETS if b >= n] + [cap])
 
 
+def _put(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
+  """`host` (the same on every process) as a global array: each process places its own devices' parts."""
+  return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
 @functools.partial(jax.jit, static_argnums=3)
 def _embed_jit(params, ids_BxL, mask_BxL, cfg):
   return enc.embed(params, ids_BxL, mask_BxL, cfg, right_padded=True)  # Tokenizer.pad pads on the right
@@ -47,11 +54,17 @@ class Embedder:
   def __init__(self, cfg: EncoderConfig, params: Any, tokenizer: Tokenizer,
                devices: Sequence[jax.Device] | None = None):
     self.cfg, self.tokenizer = cfg, tokenizer
-    self.devices = list(devices if devices is not None else jax.local_devices())
+    self.devices = list(devices if devices is not None else jax.devices())
+    self._other_processes = any(d.process_index != jax.process_index() for d in self.devices)
     mesh = Mesh(np.array(self.devices), ("batch",))
     self._rows = NamedSharding(mesh, P("batch"))
     # Replicated on the devices once: numpy params would be copied in again on every batch.
-    self.params = jax.device_put(params, NamedSharding(mesh, P()))
+    self.params = jax.tree.map(lambda x: _put(np.asarray(x), NamedSharding(mesh, P())), params)
+
+  @property
+  def is_writer(self) -> bool:
+    """Whether this process writes what the embeddings lead to (process 0; every process has them all)."""
+    return jax.process_index() == 0
 
   @classmethod
   def from_pretrained(cls, path: str, dtype: str = "float32", max_length: int | None = None) -> "Embedder":
@@ -81,6 +94,8 @@ class Embedder:
 
     def fetch(done):
       idx, emb_BxD = done
+      if self._other_processes:  # every process gets every row
+        emb_BxD = multihost_utils.process_allgather(emb_BxD, tiled=True)
       out_NxD[idx] = np.asarray(emb_BxD)[:len(idx)]
 
     # With 2 in flight the next batch is dispatched before the last one is fetched, which hides the copy.
@@ -90,10 +105,10 @@ class Embedder:
       batch_rows = [rows[i] for i in idx]
       batch_rows += [[self.tokenizer.pad_id]] * (batch_size - len(idx))  # fixed batch shape
       length = bucket_length(max(len(r) for r in batch_rows), max_length)
-      ids_BxL, mask_BxL = jax.device_put(self.tokenizer.pad(batch_rows, length), self._rows)
+      ids_BxL, mask_BxL = (_put(x, self._rows) for x in self.tokenizer.pad(batch_rows, length))
       in_flight.admit()
       in_flight.add((idx, _embed_jit(self.params, ids_BxL, mask_BxL, self.cfg)))
-      if progress and time.time() - last_report > 5:
+      if progress and jax.process_index() == 0 and time.time() - last_report > 5:
         last_report = time.time()
         done = min(b + batch_size, len(order))
         print(f"embedded {done}/{len(order)} distinct texts ({done / (last_report - start):.0f}/s)",

@@ -53,7 +53,7 @@ class Evaluator:
     host_params = multihost_utils.process_allgather(params, tiled=True)  # every process takes part
     if not self.active:
       return {}
-    embedder = Embedder(self.enc_cfg, host_params, self.tokenizer)
+    embedder = Embedder(self.enc_cfg, host_params, self.tokenizer, devices=jax.local_devices())  # process 0 alone
     c, out = self.config, {}
     opts = dict(batch_size=c.eval_batch_size, max_length=c.eval_max_length)
     if self.bitext is not None:

@@ -30,7 +30,7 @@ import numpy as np
 
 from data_pipelines import readers, records
 from data_pipelines.readers import InputError
-from me5_jax import cli, compile_cache, instructions, metrics, search
+from me5_jax import cli, compile_cache, distributed, instructions, metrics, search
 from me5_jax.tokenize import PASSAGE_PREFIX, QUERY_PREFIX
 
 PROGRAM = "me5_jax.evaluate"  # its `<program>: error:` lines (me5_jax.cli)
@@ -350,6 +350,7 @@ def _prefix(value: str | None, default: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = _parse_args(argv)
+  distributed.initialize()
   compile_cache.enable()
   try:
     if not os.path.isdir(args.model):
@@ -375,6 +376,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = evaluate_bitext(embedder, data, prefix=args.query_prefix, **encode)
   else:
     result = evaluate_sts(embedder, data, prefix=args.query_prefix, **encode)
+  if not embedder.is_writer:
+    return 0
   used = {k: v for k, v in result.items() if k.startswith("num_")}
   print(f"used {used}, skipped {result['skipped'] or 'nothing'}", file=sys.stderr)
   text = json.dumps({"model": args.model, "data": args.data, **result})

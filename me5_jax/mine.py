@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from me5_jax import cli, compile_cache, search
+from me5_jax import cli, compile_cache, distributed, search
 from data_pipelines.readers import InputError
 from me5_jax.evaluate import RetrievalData, load_retrieval_files
 from me5_jax.tokenize import PASSAGE_PREFIX, QUERY_PREFIX
@@ -211,6 +211,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = _parse_args(argv)
+  distributed.initialize()
   compile_cache.enable()
   from me5_jax import hf_io
   try:
@@ -237,6 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   except (InputError, ValueError, FileNotFoundError) as e:  # a missing tensor, --max-length beyond the model's
     # positions, --teacher without PyTorch
     return cli.error(PROGRAM, e)
+  if not embedder.is_writer:
+    return 0
   tmp = args.out + ".tmp"
   with open(tmp, "w", encoding="utf-8") as f:
     f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)

@@ -14,7 +14,6 @@ WORKDIR gets config.json (the resolved config), model/ (encoder config + tokeniz
 """
 from __future__ import annotations
 
-import glob
 import logging
 import os
 import signal
@@ -24,7 +23,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-from me5_jax import cli, compile_cache
+from me5_jax import cli, compile_cache, distributed
 
 PROGRAM = "me5_jax.train"  # its `<program>: error:` lines (me5_jax.cli)
 
@@ -41,27 +40,6 @@ FLAGS = flags.FLAGS
 log = logging.getLogger("me5_jax.train")
 
 
-# ================================================================================== Distributed
-def init_distributed() -> None:
-  """Must run before anything touches a JAX backend."""
-  import jax
-  if os.environ.get("ME5_CPU_DEVICES"):
-    jax.config.update("jax_platforms", "cpu")
-    jax.config.update("jax_num_cpu_devices", int(os.environ["ME5_CPU_DEVICES"]))
-  if FLAGS.coordinator:
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
-  elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("CLOUD_TPU_TASK_ID") or _on_tpu_vm():
-    jax.distributed.initialize()  # a TPU VM or pod slice describes itself (metadata server or env)
-
-
-def _on_tpu_vm() -> bool:
-  """TPU chips attached, as JAX's own cluster detection sees them: /dev/accel* (TPU v2-v4) or /dev/vfio/N
-  (v5e and later), with libtpu installed. A GCE TPU VM sets no environment variable to say so."""
-  import importlib.util
-  return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")) and bool(importlib.util.find_spec("libtpu"))
-
-
 class TrainError(Exception):
   """Why the run cannot start or go on, in one line (a bad config key or file, a non-finite step).
   `main` prints it as `me5_jax.train: error: ...` and exits with `status` (`me5_jax.cli`: 2 for bad input,
@@ -74,7 +52,7 @@ class TrainError(Exception):
 
 def main(argv) -> None:
   del argv
-  init_distributed()
+  distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
   import jax
   # absl's handler already sits on the root logger (so basicConfig alone would do nothing): replace it.
   logging.basicConfig(level=logging.INFO if jax.process_index() == 0 else logging.WARNING, force=True,

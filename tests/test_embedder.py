@@ -1,4 +1,9 @@
 """`Embedder.encode` on every local device: equal to one device, in input order, each distinct text once."""
+import os
+import socket
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import pytest
@@ -7,6 +12,8 @@ from me5_jax import hf_io
 from me5_jax.embedder import Embedder
 from me5_jax.tokenize import Tokenizer
 from multilingual_texts import TEXTS
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -51,3 +58,29 @@ def test_max_length_beyond_positions_is_refused(minilm):
   embedder = Embedder(cfg, params, tokenizer, devices=jax.devices()[:1])
   with pytest.raises(ValueError, match=f"max_length 1000 exceeds the model's {cfg.max_tokens} positions"):
     embedder.encode(["text"], max_length=1000)
+
+
+def test_two_processes_embed_what_one_device_does(minilm, minilm_dir, tmp_path):
+  """`python -m me5_jax.embed` as 2 processes × 2 CPU devices on loopback (gloo): one global batch over all 4
+  devices; process 0 writes the rows, equal to one device's, in order."""
+  cfg, params, tokenizer = minilm
+  texts = [t for t in dict.fromkeys(TEXTS) if "\n" not in t]
+  texts = texts + texts[::3]  # repeats
+  src = tmp_path / "texts.txt"
+  src.write_text("".join(t + "\n" for t in texts), encoding="utf-8")
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  procs = []
+  for i in range(2):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "ME5_CPU_DEVICES": "2", "ME5_COORDINATOR": f"localhost:{port}",
+           "ME5_NUM_PROCESSES": "2", "ME5_PROCESS_ID": str(i)}
+    procs.append(subprocess.Popen([sys.executable, "-m", "me5_jax.embed", "--model", minilm_dir, "--input", str(src),
+                                   "--output", str(tmp_path / f"out{i}.npy"), "--batch-size", "8"],
+                                  cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  for p in procs:
+    out, _ = p.communicate(timeout=240)
+    assert p.returncode == 0, out[-3000:]
+  assert not (tmp_path / "out1.npy").exists()
+  want = Embedder(cfg, params, tokenizer, devices=jax.devices()[:1]).encode(texts, batch_size=8)
+  np.testing.assert_allclose(np.load(tmp_path / "out0.npy"), want, atol=1e-6)
