@@ -2,7 +2,7 @@
 
   python -m me5_jax.evaluate --model DIR --task {retrieval,bitext,sts} --data PATH \
       [--query-prefix STR] [--passage-prefix STR] [--instruction STR | --instruction-task NAME] \
-      [--pivot COLUMN] [--output metrics.json]
+      [--pivot COLUMN] [--output metrics.json] [--approximate-search]
 
 Prints the metrics as one JSON object, the last line on stdout; progress and data reports go to stderr.
 The trainer calls `evaluate_retrieval` / `evaluate_bitext` / `evaluate_sts` on an `Embedder` in-process;
@@ -170,14 +170,14 @@ def load_retrieval_files(corpus_path: str, queries_path: str, qrels_path: str) -
 
 def evaluate_retrieval(embedder: "Embedder", data: str | RetrievalData, query_prefix: str = QUERY_PREFIX,
                        passage_prefix: str = PASSAGE_PREFIX, batch_size: int = 64,
-                       max_length: int | None = None, progress: bool = False) -> dict:
+                       max_length: int | None = None, progress: bool = False, approximate: bool = False) -> dict:
   """nDCG@10, Recall@100, MRR@10 of exact cosine search over the whole corpus, on the devices
-  (`search.top_k`; metrics and tie rule: metrics.py)."""
+  (`search.top_k`, or its `approximate` TPU search; metrics and tie rule: metrics.py)."""
   data = load_retrieval(data) if isinstance(data, str) else data
   encode = dict(batch_size=batch_size, max_length=max_length, progress=progress)
   p_NxD = embedder.encode(data.passages, prefix=passage_prefix, **encode)
   q_QxD = embedder.encode(data.queries, prefix=query_prefix, **encode)
-  score_QxK, idx_QxK = search.top_k(q_QxD, p_NxD, TOP_K)
+  score_QxK, idx_QxK = search.top_k(q_QxD, p_NxD, TOP_K, approximate=approximate)
   run = {q: {data.doc_ids[j]: float(s) for s, j in zip(score_QxK[i], idx_QxK[i])}
          for i, q in enumerate(data.query_ids)}
   result = {"task": "retrieval", **metrics.retrieval_metrics(run, {q: data.qrels[q] for q in data.query_ids}),
@@ -322,6 +322,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   ap.add_argument("--passage-prefix", default=None, help=f"retrieval passages (default {PASSAGE_PREFIX!r})")
   ap.add_argument("--pivot", default=None, help="bitext pivot column (default: first language column)")
   ap.add_argument("--output", default=None, help="also write the metrics JSON here")
+  ap.add_argument("--approximate-search", action="store_true",
+                  help="retrieval: lax.approx_max_k (fast on TPU, recall target 0.95; exact elsewhere) instead of exact top-k")
   ap.add_argument("--batch-size", type=int, default=64)
   ap.add_argument("--max-length", type=int, default=None, help="tokens per text (default: the model's)")
   instruct = ap.add_mutually_exclusive_group()
@@ -371,7 +373,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   encode = dict(batch_size=args.batch_size, max_length=args.max_length, progress=True)
   if args.task == "retrieval":
     result = evaluate_retrieval(embedder, data, _prefix(args.query_prefix, QUERY_PREFIX),
-                                _prefix(args.passage_prefix, PASSAGE_PREFIX), **encode)
+                                _prefix(args.passage_prefix, PASSAGE_PREFIX), approximate=args.approximate_search,
+                                **encode)
   elif args.task == "bitext":
     result = evaluate_bitext(embedder, data, prefix=args.query_prefix, **encode)
   else:

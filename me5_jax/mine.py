@@ -2,7 +2,7 @@
 
   python -m me5_jax.mine --model M --queries Q --corpus C --qrels R --out stage2.jsonl [--top-k 100] \
       [--skip-top N] [--max-score-ratio X] [--num-negatives K] [--teacher CE_DIR] [--task STR] \
-      [--query-prefix STR] [--passage-prefix STR] [--batch-size N] [--max-length L]
+      [--query-prefix STR] [--passage-prefix STR] [--batch-size N] [--max-length L] [--approximate-search]
 
 Negatives of a query (each of its positives gets the same list), in this order:
 1. candidates: its top-k documents by exact cosine search over the whole corpus, on the devices
@@ -59,6 +59,7 @@ class MiningConfig:
   skip_top: int = 0
   max_score_ratio: float | None = None
   num_negatives: int | None = None  # None: every candidate that survives the filters
+  approximate: bool = False  # step 1 with lax.approx_max_k (fast on TPU) instead of exact top-k
 
   def __post_init__(self):
     if self.top_k < 1:
@@ -95,7 +96,7 @@ def select_negatives(q_QxD: np.ndarray, p_NxD: np.ndarray, positives: Sequence[n
   candidates per fate: retrieved, known_positive, positive_text (a positive's text under another id),
   repeated_text (a better candidate's text), skip_top, max_score_ratio (beyond skip_top), num_negatives
   (cut by the cap), kept."""
-  score_QxK, idx_QxK = search.top_k(q_QxD, p_NxD, cfg.top_k)
+  score_QxK, idx_QxK = search.top_k(q_QxD, p_NxD, cfg.top_k, approximate=cfg.approximate)
   keys: dict[int, str] = {}  # corpus row → text_key, for the rows that come up
   text_of = lambda j: keys.setdefault(j, text_key(passages[j]))  # noqa: E731
   counts = collections.Counter()
@@ -200,6 +201,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   ap.add_argument("--max-score-ratio", type=float, default=None,
                   help="drop candidates scoring above X × the query's lowest positive score")
   ap.add_argument("--num-negatives", type=int, default=None, help="negatives kept per query (default: all)")
+  ap.add_argument("--approximate-search", action="store_true",
+                  help="candidates by lax.approx_max_k (fast on TPU, recall target 0.95; exact elsewhere)")
   ap.add_argument("--teacher", default=None, help="cross-encoder folder: fills the teacher scores")
   ap.add_argument("--task", default="", help="the records' task (instruction), default none")
   ap.add_argument("--query-prefix", default=QUERY_PREFIX, help=f"default {QUERY_PREFIX!r}; '' for none")
@@ -215,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   compile_cache.enable()
   from me5_jax import hf_io
   try:
-    cfg = MiningConfig(args.top_k, args.skip_top, args.max_score_ratio, args.num_negatives)
+    cfg = MiningConfig(args.top_k, args.skip_top, args.max_score_ratio, args.num_negatives, args.approximate_search)
     if args.batch_size < 1 or (args.max_length is not None and args.max_length < 1):
       raise ValueError("--batch-size and --max-length must be >= 1")
     out_dir = os.path.dirname(os.path.abspath(args.out))

@@ -3,6 +3,7 @@ and the Bible's own cross-references (bible.db) as positives. The mined negative
 from-scratch reference (full sort of Embedder.encode cosines, list filters), the teacher column against the
 cross-encoder run with transformers directly; the output builds with the stage-2 builder, streams into
 contract batches, and trains with `python -m me5_jax.train --config configs/small.py:finetune`."""
+import dataclasses
 import json
 import math
 import os
@@ -183,6 +184,10 @@ def test_select_negatives_filters_match_reference(beir, emb, skip_top, ratio, nu
   got, counts = mine.select_negatives(*emb, [np.array(p) for p in positives], beir["docs"], cfg)
   want = reference_negatives(*emb, positives, TOP_K, skip_top, ratio, num, beir["docs"])
   assert [g.tolist() for g in got] == want
+  if skip_top == 3:  # --approximate-search: lax.approx_max_k, exact off TPU
+    approx, _ = mine.select_negatives(*emb, [np.array(p) for p in positives], beir["docs"],
+                                      dataclasses.replace(cfg, approximate=True))
+    assert [a.tolist() for a in approx] == want
   if ratio is not None:
     assert counts["max_score_ratio"] > 0
 
