@@ -136,14 +136,21 @@ def format_report(report: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
+def readable_rows(path: str, report: BuildReport, fmt: str | None = None) -> Iterator[readers.Row]:
+  """The rows of `path` that decode (read as `fmt`, default by extension); the damaged ones go to `report`.
+  What the builds and `me5_jax.evaluate` read user files with."""
+  for row in readers.read_rows(path, fmt):
+    if row.error:
+      report.bad(path, row.line, row.error, row.detail)
+    else:
+      yield row
+
+
 def validated(paths: Sequence[str], parse: Callable[[Any], dict[str, Any]], report: BuildReport,
               ) -> Iterator[tuple[str, dict[str, Any]]]:
   """(unique key "file#:line", example) for every valid record of `paths`; the others go to `report`."""
   for file_index, path in enumerate(paths):
-    for row in readers.read_rows(path):
-      if row.error:
-        report.bad(path, row.line, row.error, row.detail)
-        continue
+    for row in readable_rows(path, report):
       try:
         example = parse(row.value)
       except _Invalid as e:

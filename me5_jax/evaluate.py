@@ -42,17 +42,6 @@ ID_COLUMNS = ("ref", "id")  # a bitext header column with one of these names (an
 TOP_K = 100  # retrieval run depth: Recall@100 needs 100, nDCG@10 and MRR@10 fewer
 
 
-def _rows(path: str, fmt: str, skipped: records.BuildReport) -> Iterator[readers.Row]:
-  """The decodable rows of a JSONL or TSV file (`data_pipelines.readers`: blank lines passed over, TSV split
-  on tabs only); the damaged ones go to `skipped` under `records.REASONS`' names."""
-  readers.check_files([path], fmt=fmt)
-  for row in readers.read_rows(path, fmt):
-    if row.error:
-      skipped.bad(path, row.line, row.error, row.detail)
-    else:
-      yield row
-
-
 def _tsv(path: str, skipped: records.BuildReport) -> tuple[list[str], Iterator[tuple[int, list[str]]]]:
   """Header names (stripped) and (line number, cells) of the rows with as many cells."""
   readers.check_files([path], fmt="tsv")
@@ -61,7 +50,7 @@ def _tsv(path: str, skipped: records.BuildReport) -> tuple[list[str], Iterator[t
     raise InputError(f"{path}: empty file, expected a header row")
   if len(set(header)) != len(header):
     raise InputError(f"{path}:1: duplicate column names in header {header}")
-  return header, ((row.line, list(row.value.values())) for row in _rows(path, "tsv", skipped))
+  return header, ((row.line, list(row.value.values())) for row in records.readable_rows(path, skipped, "tsv"))
 
 
 def _float(text: str) -> float | None:
@@ -106,7 +95,7 @@ def _qrels_path(data_dir: str) -> str:
 def _jsonl(path: str, skipped: records.BuildReport, fields: Sequence[str]) -> dict[str, dict]:
   """`_id` → record for lines that parse and have a non-empty string `_id`, a `text` and string `fields`."""
   by_id: dict[str, dict] = {}
-  for row in _rows(path, "jsonl", skipped):
+  for row in records.readable_rows(path, skipped, "jsonl"):
     rec, why = row.value, None
     if not isinstance(rec, dict):
       why = ("not_an_object", type(rec).__name__)
