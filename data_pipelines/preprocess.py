@@ -9,9 +9,8 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from data_pipelines.batch import hash_ids, slots_per_row
 from data_pipelines.mixture import hash64
-from me5_jax.encoder import slots_per_row
-from me5_jax.losses import hash_ids
 from me5_jax.tokenize import PASSAGE_PREFIX, QUERY_PREFIX, Tokenizer, instruct_query
 
 # Symmetric pair types (translations): "query: " on both sides, as the model card asks for bitext, and as

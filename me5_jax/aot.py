@@ -28,11 +28,11 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
+from data_pipelines import batch as batch_contract
 from me5_jax import cli, config as config_lib, hlo_collectives, sharding, tpu_topology
 from me5_jax import train_step as ts
 from me5_jax.metric_writer import flops_per_sequence
@@ -46,19 +46,8 @@ def abstract_batch(batch_size: int, query_len: int, passage_len: int, group_size
   """The batch contract (DESIGN.md) as sharded shapes; packed_rows > 0 gives the packed layout, that many
   rows of max(Lq, Lp) tokens (how many a real batch needs depends on its text lengths)."""
   rows = sharding.batch_sharding(mesh)
-  spec = lambda shape, dtype=jnp.int32: jax.ShapeDtypeStruct(shape, dtype, sharding=rows)
-  b, g = batch_size, group_size
-  if packed_rows:
-    length = max(query_len, passage_len)
-    batch = dict(packed_ids=spec((packed_rows, length)), packed_segments=spec((packed_rows, length)),
-                 query_slots=spec((b,)), passage_slots=spec((b, g)), passage_hash=spec((b, g, 2)))
-  else:
-    batch = dict(query_ids=spec((b, query_len)), query_mask=spec((b, query_len)),
-                 passage_ids=spec((b, g, passage_len)), passage_mask=spec((b, g, passage_len)),
-                 passage_hash=spec((b, g, 2)))
-  if teacher:
-    batch["teacher_scores"] = spec((b, g), jnp.float32)
-  return batch
+  return {key: jax.ShapeDtypeStruct(shape, dtype, sharding=rows) for key, (shape, dtype) in
+          batch_contract.shapes(batch_size, query_len, passage_len, group_size, teacher, packed_rows).items()}
 
 
 FIT_KNOBS = ("a smaller gradcache.chunk_size (one chunk's activations), remat=full (one layer's), or a larger "

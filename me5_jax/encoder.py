@@ -330,11 +330,6 @@ def embed(params: Params, ids_BxL, mask_BxL, cfg: EncoderConfig, dropout_rng=Non
   return l2_normalize(mean_pool(h_BxLxD, mask_BxL))
 
 
-def slots_per_row(row_length: int) -> int:
-  """How many texts a packed row of row_length tokens may hold (the pooling output's S)."""
-  return max(1, row_length // 4)
-
-
 def embed_packed(params: Params, ids_RxL, segments_RxL, num_slots: int, cfg: EncoderConfig, dropout_rng=None,
                  text_ids_RxL=None):
   """E5 embeddings of packed rows: slot s of row r is the text numbered s + 1 in `segments_RxL`.

@@ -31,11 +31,9 @@ the group without it. Dropped columns get a large finite negative logit, never
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 EXTRA_TERMS = ("pq", "qq", "pp")
 _MASKED_LOGIT = -1e9
@@ -197,22 +195,3 @@ def _loss_at_dim(q_BxD, p_BxGxD, same_BxN, same_BxB, teacher_BxG, cfg: LossConfi
     loss = kd + cfg.kd_alpha * nce
   metrics["loss"] = loss
   return loss, metrics
-
-
-def hash_ids(ids_BxL: np.ndarray, mask_BxL: np.ndarray) -> np.ndarray:
-  """64-bit blake2b of each row's unmasked token ids (as int32 little-endian), as two int32 words.
-
-  Host-side, for the data pipeline's `passage_hash`. Independent of padding length, of the ids' integer
-  dtype and of the process (Python's `hash()` is salted per process, so it would miss duplicates that
-  sit on different hosts). Any leading shape: [..., L] → [..., 2].
-  """
-  ids_BxL, mask_BxL = np.asarray(ids_BxL), np.asarray(mask_BxL)
-  if ids_BxL.shape != mask_BxL.shape or ids_BxL.ndim < 1:
-    raise ValueError(f"hash_ids: ids {ids_BxL.shape} and mask {mask_BxL.shape} must have one shape [..., L]")
-  rows_RxL = ids_BxL.reshape(-1, ids_BxL.shape[-1]).astype("<i4")
-  keep_RxL = mask_BxL.reshape(rows_RxL.shape).astype(bool)
-  out_Rx2 = np.empty((rows_RxL.shape[0], 2), np.int32)
-  for r, (row_L, keep_L) in enumerate(zip(rows_RxL, keep_RxL)):
-    digest = hashlib.blake2b(row_L[keep_L].tobytes(), digest_size=8).digest()
-    out_Rx2[r] = np.frombuffer(digest, "<i4")
-  return out_Rx2.reshape(*ids_BxL.shape[:-1], 2)

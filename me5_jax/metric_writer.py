@@ -10,6 +10,7 @@ import sys
 import time
 from typing import Any, Mapping
 
+from data_pipelines import batch as batch_contract
 from me5_jax.variants import EncoderConfig
 
 log = logging.getLogger("me5_jax.train")
@@ -36,8 +37,8 @@ def flops_per_sequence(cfg: EncoderConfig, seq_len: int) -> float:
 
 def batch_flops(batch, cfg: EncoderConfig, process_count: int = 1) -> float:
   """Training FLOPs of the rows a (host-local) batch really encodes, packed or bucketed, on every host."""
-  rows = [batch["packed_ids"]] if "packed_ids" in batch else [batch["query_ids"], batch["passage_ids"]]
-  return process_count * sum(x.size // x.shape[-1] * flops_per_sequence(cfg, x.shape[-1]) for x in rows)
+  return process_count * sum(x.size // x.shape[-1] * flops_per_sequence(cfg, x.shape[-1])
+                             for x in batch_contract.token_arrays(batch))
 
 
 class MetricWriter:

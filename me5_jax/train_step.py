@@ -41,6 +41,7 @@ import optax
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from data_pipelines import batch as batch_contract
 from me5_jax import config as config_lib
 from me5_jax import encoder as enc
 from me5_jax import losses
@@ -148,18 +149,14 @@ def init_train_state(enc_cfg: EncoderConfig, config: ml_collections.ConfigDict, 
 
 # ------------------------------------------------------------------------------------- embeddings, loss
 
-def is_packed(batch: Batch) -> bool:
-  return "packed_ids" in batch
-
-
 def _text_ids(batch: Batch) -> dict[str, jax.Array]:
   """Each token's text, numbered over the global batch (queries 0..B-1, then passages row-major), which
   keys its dropout mask (encoder.Dropout): the same text gets the same mask in any layout or chunk."""
-  b, g = (batch["passage_slots"] if is_packed(batch) else batch["passage_ids"]).shape[:2]
+  b, g = (batch["passage_slots"] if batch_contract.is_packed(batch) else batch["passage_ids"]).shape[:2]
   query_B, passage_BxG = jnp.arange(b), b + jnp.arange(b * g).reshape(b, g)
-  if is_packed(batch):
+  if batch_contract.is_packed(batch):
     r, length = batch["packed_ids"].shape
-    num_slots = enc.slots_per_row(length)
+    num_slots = batch_contract.slots_per_row(length)
     text_of_slot = (jnp.zeros(r * num_slots, jnp.int32).at[batch["query_slots"]].set(query_B)
                     .at[batch["passage_slots"]].set(passage_BxG))
     slot_RxL = jnp.arange(r)[:, None] * num_slots + jnp.maximum(batch["packed_segments"] - 1, 0)
@@ -193,7 +190,7 @@ def _embed_packed_rows(params: Any, rows: Batch, dropout_rng: jax.Array | None, 
   """emb_RxSxD of some packed rows."""
   ids_RxL = rows["packed_ids"]
   return enc.embed_packed(_gather_weights(params, mesh), ids_RxL, rows["packed_segments"],
-                          enc.slots_per_row(ids_RxL.shape[1]), cfg, dropout_rng, rows["packed_text_ids"])
+                          batch_contract.slots_per_row(ids_RxL.shape[1]), cfg, dropout_rng, rows["packed_text_ids"])
 
 
 def global_loss(q_BxD, p_BxGxD, batch: Batch, loss_cfg: losses.LossConfig, mesh: Mesh):
@@ -210,8 +207,6 @@ def unpack_slots(emb_RxSxD: jax.Array, batch: Batch, mesh: Mesh) -> tuple[jax.Ar
   return flat_NxD[batch["query_slots"]], flat_NxD[batch["passage_slots"]]
 
 
-_TOKEN_KEYS = ("query_ids", "query_mask", "passage_ids", "passage_mask")
-_PACKED_KEYS = ("packed_ids", "packed_segments")
 
 
 def compute_grads(params: Any, batch: Batch, dropout_rng: jax.Array | None, *, enc_cfg: EncoderConfig,
@@ -228,8 +223,8 @@ def compute_grads(params: Any, batch: Batch, dropout_rng: jax.Array | None, *, e
 
 
 def _compute_grads(params, batch, dropout_rng, enc_cfg, loss_cfg, mesh, chunk_size, reduce_per_chunk):
-  packed = is_packed(batch)
-  rows = {k: batch[k] for k in (_PACKED_KEYS if packed else _TOKEN_KEYS)} | _text_ids(batch)
+  packed = batch_contract.is_packed(batch)
+  rows = {k: batch[k] for k in (batch_contract.PACKED_TOKEN_KEYS if packed else batch_contract.PADDED_TOKEN_KEYS)} | _text_ids(batch)
   embed_fn = functools.partial(_embed_packed_rows if packed else _embed_rows, dropout_rng=dropout_rng,
                                cfg=enc_cfg, mesh=mesh)
   if packed:

@@ -7,7 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from me5_jax.losses import EXTRA_TERMS, LossConfig, e5_loss, hash_ids
+from data_pipelines.batch import hash_ids
+from me5_jax.losses import EXTRA_TERMS, LossConfig, e5_loss
 
 B, G, D = 6, 3, 16
 loss_jit = jax.jit(e5_loss, static_argnames="cfg")
@@ -254,7 +255,7 @@ def test_hash_ids_ignores_padding_and_separates_texts():
 
 def test_hash_ids_is_the_same_in_another_process():
   ids, mask = np.array([[3, 1, 4, 1, 5, 0]]), np.array([[1, 1, 1, 1, 1, 0]])
-  code = ("import numpy as np; from me5_jax.losses import hash_ids; "
+  code = ("import numpy as np; from data_pipelines.batch import hash_ids; "
           "print(*hash_ids(np.array([[3, 1, 4, 1, 5, 0]]), np.array([[1, 1, 1, 1, 1, 0]]))[0])")
   env = {**os.environ, "PYTHONHASHSEED": "12345", "JAX_PLATFORMS": "cpu"}
   out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from data_pipelines.batch import slots_per_row
 from data_pipelines.preprocess import pack_texts, pack_token_rows
 from me5_jax import encoder as enc
 from me5_jax.variants import get_variant
@@ -27,7 +28,7 @@ def test_pack_token_rows_layout_and_slots():
   ids, segments, slots = pack_token_rows(rows, 8, pad_id=1, row_multiple=4, process_index=2,
                                          agree_rows=lambda n: n + 4)
   assert ids.shape == segments.shape == (8, 8)  # 2 rows needed → 4 (multiple) → 8 (agreed)
-  num_slots = enc.slots_per_row(8)
+  num_slots = slots_per_row(8)
   for t, row in enumerate(rows):
     r, s = divmod(int(slots[t]), num_slots)
     r -= 2 * 8  # host 2's rows follow hosts 0 and 1
@@ -49,7 +50,7 @@ def test_packed_rows_embed_like_padded_rows(variant):
   expected = np.asarray(enc.embed(params, ids, mask, cfg))
   p_ids, p_segments, slots = pack_token_rows(rows, 32, pad)
   assert p_ids.shape[0] < 12
-  emb = np.asarray(enc.embed_packed(params, p_ids, p_segments, enc.slots_per_row(32), cfg))
+  emb = np.asarray(enc.embed_packed(params, p_ids, p_segments, slots_per_row(32), cfg))
   np.testing.assert_allclose(emb.reshape(-1, emb.shape[-1])[slots], expected, atol=1e-5)
 
 

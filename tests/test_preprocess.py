@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import tokenizers
 
+from data_pipelines import batch as batch_contract
+from data_pipelines.batch import hash_ids
 from data_pipelines.preprocess import (Batcher, PreprocessConfig, bucket_lengths, check_record,
                                        choose_negatives, pick_bucket)
-from me5_jax.losses import hash_ids
 from me5_jax.tokenize import Tokenizer
 
 PAD, EOS = 1, 2  # XLM-R <pad>, </s>
@@ -158,6 +159,11 @@ def test_packed_batch_holds_the_padded_batch_tokens(tok):
     row -= 8  # host 1's rows come after host 0's 8
     np.testing.assert_array_equal(packed["packed_ids"][row][packed["packed_segments"][row] == seg + 1],
                                   ids_L[mask_L > 0])
+  # Both are the contract's batches (data_pipelines.batch.shapes: what aot compiles the step for).
+  lq, lp = padded["query_ids"].shape[1], padded["passage_ids"].shape[2]
+  for batch, rows in ((padded, 0), (packed, 8)):
+    want = batch_contract.shapes(2, lq, lp, 2, teacher=True, packed_rows=rows)
+    assert {k: (v.shape, v.dtype) for k, v in batch.items()} == want
 
 
 def test_agree_length_sets_the_padded_length(tok):
@@ -191,3 +197,13 @@ def test_clipping_long_texts_keeps_the_ids_of_the_whole_text(tok, hf, bible_tsv)
   for ids_L, mask_L, text in zip(batch["query_ids"], batch["query_mask"], texts):
     assert ids_L[mask_L == 1].tolist() == hf(text, 32)
   assert batch["passage_mask"][-3].sum() < 64  # erased words really were erased
+
+
+def test_the_read_path_imports_no_jax():
+  """DESIGN.md "Dependency direction": data_pipelines' read path needs no accelerator runtime."""
+  import subprocess
+  import sys
+  code = ("import sys, data_pipelines.input_pipeline, data_pipelines.records, data_pipelines.batch; "
+          "print(sorted(m for m in ('jax', 'flax', 'optax') if m in sys.modules))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-2000:]

@@ -12,6 +12,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from data_pipelines.batch import hash_ids
 from me5_jax import encoder as enc
 from me5_jax import aot, config as config_lib, losses, sharding
 from me5_jax import train_step as ts
@@ -55,7 +56,7 @@ def batch():
   # Query 9's positive is query 1's positive: rows 1 and 9 sit on different devices of every mesh here.
   p_ids[9, 0], p_mask[9, 0] = p_ids[1, 0], p_mask[1, 0]
   return dict(query_ids=q_ids, query_mask=q_mask, passage_ids=p_ids, passage_mask=p_mask,
-              passage_hash=losses.hash_ids(p_ids, p_mask),
+              passage_hash=hash_ids(p_ids, p_mask),
               teacher_scores=rng.normal(size=(B, G)).astype(np.float32))
 
 
