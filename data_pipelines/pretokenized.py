@@ -1,0 +1,94 @@
+"""Token ids stored at build time, and the read-time prefix that turns them into a text's row.
+
+A build stores each text's ids without special tokens and without the E5 prefix (which is chosen at read
+time: `query: `, `passage: `, the instruct template with the record's task), cut to a stored maximum. The
+read path then only concatenates:
+
+  row(prefix, ids, max_length) = head + (prefix ids + ids)[:max_length - |head| - |tail|] + tail
+
+(head/tail: the tokenizer's special tokens, [CLS] … [SEP] or <s> … </s>), which is exactly what tokenizing
+`prefix + text` gives, truncated to max_length, for a tokenizer that works word by word: one whose
+pre-tokenizer splits on whitespace before the subword model runs (BERT's BertPreTokenizer; XLM-R's
+Metaspace behind the WhitespaceSplit that `me5_jax.tokenize` puts in front of it) and whose normalizer maps
+characters one at a time (lower-casing, accent stripping, NFKC, CJK spacing), and for a prefix that is empty
+or ends in whitespace, so that no word straddles the prefix and the text. `check_prefix` refuses other
+prefixes; `tests/test_pretokenized.py` checks the equality for the real BERT WordPiece and XLM-R
+sentencepiece tokenizers on multilingual text.
+
+`fingerprint` names the tokenizer a dataset was built with (a hash of its files), so training with another
+one can be refused before anything compiles.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Sequence
+
+from me5_jax.tokenize import TOKENIZER_SOURCES, Tokenizer
+
+FINGERPRINT_FILES = TOKENIZER_SOURCES + ("tokenizer_config.json", "special_tokens_map.json")
+
+
+def fingerprint(tokenizer_dir: str) -> str:
+  """sha256 over the tokenizer files present in `tokenizer_dir` (names and bytes), first 16 hex digits."""
+  digest = hashlib.sha256()
+  for name in FINGERPRINT_FILES:
+    path = os.path.join(tokenizer_dir, name)
+    if os.path.exists(path):
+      digest.update(name.encode() + b"\0")
+      with open(path, "rb") as f:
+        digest.update(f.read())
+  return digest.hexdigest()[:16]
+
+
+def check_prefix(prefix: str) -> None:
+  """A stored text can follow `prefix` only across a word boundary."""
+  if prefix and not prefix[-1].isspace():
+    raise ValueError(f"prefix {prefix!r} does not end in whitespace: its last word would run into the text's "
+                     "first, so pre-tokenized ids cannot be used with it")
+
+
+class Pretokenizer:
+  """Build side: `text_ids`; read side: `row`. Both from one `me5_jax.tokenize.Tokenizer`."""
+
+  def __init__(self, tokenizer: Tokenizer):
+    self.tokenizer = tokenizer
+    empty = tokenizer.backend.encode("").ids  # the special tokens around nothing: head + tail
+    self.head, self.tail = empty[:_head_length(tokenizer)], empty[_head_length(tokenizer):]
+    self._prefix_ids: dict[str, list[int]] = {}  # a handful of prefixes (and instruct tasks) per run
+
+  def text_ids(self, texts: Sequence[str], max_tokens: int) -> list[list[int]]:
+    """Each text's ids, no special tokens, the first `max_tokens` of them (what a build stores)."""
+    encodings = self.tokenizer.backend.encode_batch(list(texts), add_special_tokens=False)
+    return [e.ids[:max_tokens] for e in encodings]
+
+  def prefix_ids(self, prefix: str) -> list[int]:
+    if prefix not in self._prefix_ids:
+      check_prefix(prefix)
+      self._prefix_ids[prefix] = self.tokenizer.backend.encode(prefix, add_special_tokens=False).ids
+    return self._prefix_ids[prefix]
+
+  def check_max_length(self, max_length: int, max_tokens: int, what: str = "max length") -> None:
+    """Rows of `max_length` need at most max_length - specials ids of a text: more than a build that cut
+    texts to `max_tokens` stored, and a long text would silently end early."""
+    if max_length - len(self.head) - len(self.tail) > max_tokens:
+      raise ValueError(f"{what} {max_length} needs up to {max_length - len(self.head) - len(self.tail)} ids per "
+                       f"text, but the dataset stores at most {max_tokens} (rebuild with a larger --max-tokens)")
+
+  def row(self, prefix: str, ids: Sequence[int], max_length: int) -> list[int]:
+    """The ids of `prefix + text` with special tokens, truncated to `max_length` as the tokenizer does
+    (exact when `ids` were stored with max_tokens ≥ max_length - specials: `check_max_length`)."""
+    room = max_length - len(self.head) - len(self.tail)
+    content = self.prefix_ids(prefix) + list(ids)
+    return self.head + content[:max(room, 0)] + self.tail
+
+
+def _head_length(tokenizer: Tokenizer) -> int:
+  """How many of the special tokens come before the text: found by encoding one known word."""
+  backend = tokenizer.backend
+  word = backend.encode("a", add_special_tokens=False).ids
+  full = backend.encode("a").ids
+  for start in range(len(full) - len(word) + 1):
+    if full[start:start + len(word)] == word:
+      return start
+  raise ValueError("cannot place the tokenizer's special tokens around a text")
