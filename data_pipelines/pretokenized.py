@@ -27,6 +27,7 @@ from typing import Sequence
 from me5_jax.tokenize import TOKENIZER_SOURCES, Tokenizer
 
 FINGERPRINT_FILES = TOKENIZER_SOURCES + ("tokenizer_config.json", "special_tokens_map.json")
+DEFAULT_MAX_TOKENS = 512  # the longest text any recipe config reads (query/passage max lengths ≤ 512)
 
 
 def fingerprint(tokenizer_dir: str) -> str:

@@ -349,3 +349,38 @@ def test_bible_held_out_tsv_is_the_projects_evaluation_rows(tmp_path, bible_db, 
   with open(bible_tsv, encoding="utf-8") as f:
     lines = f.readlines()
   assert out.read_text(encoding="utf-8").splitlines(keepends=True) == lines[:1] + lines[1::120]
+
+
+# --- token ids stored at build time (--tokenizer) -----------------------------------------------------------
+
+@pytest.mark.parametrize("model", ["all-MiniLM-L6-v2", "me5-small-q4"])
+def test_stored_ids_are_the_pretokenizers_and_the_report_names_the_tokenizer(tmp_path, model):
+  from conftest import realdata_path
+  from data_pipelines import pretokenized
+  from me5_jax.tokenize import Tokenizer
+  tokenizer_dir = realdata_path(model)
+  pre = pretokenized.Pretokenizer(Tokenizer.from_dir(tokenizer_dir))
+  long = " ".join(texts(40, 99, newlines=False))  # beyond --max-tokens 64
+  pairs = [{"query": q, "passage": p} for q, p in zip(texts(20, 1), texts(19, 2) + [long])]
+  report = builders.build("custom", str(tmp_path / "s1"), [write_jsonl(tmp_path / "s1.jsonl", pairs)],
+                          tokenizer_dir=tokenizer_dir, max_tokens=64)
+  assert report["tokenizer"]["fingerprint"] == pretokenized.fingerprint(tokenizer_dir)
+  assert report["tokenizer"]["max_tokens"] == 64
+  source, got = read_all(tmp_path / "s1", "custom")
+  assert source.build_report["tokenizer"] == report["tokenizer"]
+  for rec in got:
+    assert rec["query_ids"] == pre.text_ids([rec["query"]], 64)[0]
+    assert rec["passage_ids"] == pre.text_ids([rec["passage"]], 64)[0]
+  assert max(len(r["passage_ids"]) for r in got) == 64
+
+  raw = [{"query": f"q{i} Straße", "positive": f"p{i} 東京", "negatives": texts(i % 4, 10 + i)} for i in range(9)]
+  builders.build("stage2", str(tmp_path / "s2"), [write_jsonl(tmp_path / "s2.jsonl", raw)],
+                 tokenizer_dir=tokenizer_dir, max_tokens=64)
+  _, got = read_all(tmp_path / "s2", "stage2")
+  assert sum(len(r["negatives"]) for r in got) > 0
+  for rec in got:
+    assert rec["query_ids"] == pre.text_ids([rec["query"]], 64)[0]
+    assert rec["positive_ids"] == pre.text_ids([rec["positive"]], 64)[0]
+    want = pre.text_ids(rec["negatives"], 64)
+    assert rec["negatives_lengths"] == [len(w) for w in want]
+    assert rec["negatives_ids"] == [i for w in want for i in w]
