@@ -11,6 +11,10 @@
 
 A source is anything with `__len__` and `__getitem__(i) -> dict` (grain's RandomAccessDataSource
 protocol): a list of dicts, or a TFDS array_record data source. No TensorFlow is imported here.
+
+Sources built with token ids (`build --tokenizer`) are read as ids when `tokenizer_fingerprint` (of the
+tokenizer this pipeline holds) matches the one they were built with: the batches are identical, without
+tokenizing. A different tokenizer, or a max length beyond the ids stored, is refused at construction.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ import numpy as np
 from data_pipelines.mixture import MixtureConfig, MixtureSampler, Plan, uniform
 from data_pipelines.preprocess import (Batcher, PreprocessConfig, check_record, choose_negatives,
                                        pad_score)
+from data_pipelines.pretokenized import Pretokenizer, check_prefix
 from me5_jax.tokenize import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -46,7 +51,7 @@ class InputPipeline:
   def __init__(self, sources: Mapping[str, RandomAccessSource], tokenizer: Tokenizer,
                mixture: MixtureConfig, preprocess: PreprocessConfig, *, process_index: int = 0,
                process_count: int = 1, strict: bool = False,
-               agree_length: Callable[[str, int], int] | None = None):
+               agree_length: Callable[[str, int], int] | None = None, tokenizer_fingerprint: str | None = None):
     """agree_length(kind, local_length) -> length shared by all hosts ("query"/"passage", or "rows" for
     packed batches), e.g. a max over `multihost_utils.process_allgather`; hosts must feed one global shape.
     Without it, several hosts pad every batch to the max lengths (packed: a row per text), and a single
@@ -63,6 +68,8 @@ class InputPipeline:
                 "rows": -(-local_texts // preprocess.row_multiple) * preprocess.row_multiple}  # a row per text
       agree_length = lambda kind, length: limits[kind]  # noqa: E731
     self.batcher = Batcher(tokenizer, preprocess, agree_length, process_index)
+    self.with_ids = {name: _uses_ids(name, source, preprocess, tokenizer, tokenizer_fingerprint)
+                     for name, source in self.sources.items()}
     self._bad = collections.Counter()
 
   def __iter__(self) -> "InputPipeline":
@@ -73,12 +80,14 @@ class InputPipeline:
     queries, passages, teacher = [], [], []
     for row, s, record in zip(plan.rows.tolist(), plan.sources.tolist(), self._records(plan)):
       name = self.sampler.names[s]
-      queries.append(self.cfg.query_text(record, name))
+      query_prefix, passage_prefix = self.cfg.query_prefix(record, name), self.cfg.passage_prefix(name)
+      ids = self.with_ids[name]
+      queries.append((query_prefix, record["query_ids"]) if ids else query_prefix + record["query"])
       if self.cfg.stage == 1:
-        passages.append(self.cfg.passage_text(record["passage"], name))
+        passages.append((passage_prefix, record["passage_ids"]) if ids else passage_prefix + record["passage"])
         continue
       group, scores = self._group(name, record, plan.step, row)
-      passages.extend(self.cfg.passage_text(p, name) for p in group)
+      passages.extend((passage_prefix, p_ids) if ids else passage_prefix + text for text, p_ids in group)
       teacher.append(scores)
     return self.batcher(queries, passages, teacher if self.cfg.stage == 2 and self.cfg.use_teacher else None)
 
@@ -92,14 +101,18 @@ class InputPipeline:
         records[r] = self._read(name, int(plan.indices[r]), *key, record=record)
     return records
 
-  def _group(self, name: str, record: Mapping, step: int, row: int) -> tuple[list[str], list[float]]:
-    """Positive + k hard negatives with teacher scores; missing negatives are other records' positives."""
-    k = self.cfg.num_hard_negatives
+  def _group(self, name: str, record: Mapping, step: int, row: int
+             ) -> tuple[list[tuple[str, list[int] | None]], list[float]]:
+    """Positive + k hard negatives as (text, stored ids or None), with teacher scores; missing negatives
+    are other records' positives."""
+    k, ids = self.cfg.num_hard_negatives, self.with_ids[name]
     chosen = choose_negatives(len(record["negatives"]), k, self.seed, step, row).tolist()
-    group = [record["positive"]] + [record["negatives"][j] for j in chosen]
+    negative_ids = _split(record["negatives_ids"], record["negatives_lengths"]) if ids else None
+    group = [(record["positive"], record.get("positive_ids"))]
+    group += [(record["negatives"][j], negative_ids[j] if ids else None) for j in chosen]
     scores = [float(record["positive_score"])] + [float(record["negative_scores"][j]) for j in chosen]
     for slot in range(len(chosen), k):
-      taken = set(group)
+      taken = {text for text, _ in group}
       for attempt in range(MAX_DRAWS):
         key = (SALT_FILL, step, row, slot, attempt)
         other = self._read(name, self._draw(name, *key), *key)
@@ -108,7 +121,7 @@ class InputPipeline:
       else:
         raise ValueError(f"source {name!r}: no passage outside the group of row {row} (step {step}) to "
                          f"fill its {k} hard-negative slots; lower num_hard_negatives or grow the source")
-      group.append(other["positive"])
+      group.append((other["positive"], other.get("positive_ids")))
       scores.append(pad_score(record))
     return group, scores
 
@@ -152,6 +165,35 @@ class InputPipeline:
 
   def set_state(self, state: Mapping) -> None:
     self.sampler.set_state(state)
+
+
+def _split(flat: list[int], lengths: list[int]) -> list[list[int]]:
+  """A stage-2 record's negatives' ids, stored as one flat list and their lengths."""
+  ends = np.cumsum(lengths).tolist()
+  return [flat[end - n:end] for end, n in zip(ends, lengths)]
+
+
+def _uses_ids(name: str, source, cfg: PreprocessConfig, tokenizer: Tokenizer, fingerprint: str | None) -> bool:
+  """Whether `source` is read as its stored token ids; raises ValueError (naming the source, both tokenizers
+  or the lengths) where they exist but cannot be used."""
+  built = (getattr(source, "build_report", None) or {}).get("tokenizer")
+  if not built or fingerprint is None:
+    return False
+  if built["fingerprint"] != fingerprint:
+    raise ValueError(f"source {name!r} stores token ids of tokenizer {built['fingerprint']} ({built.get('dir')}), "
+                     f"but training tokenizes with {fingerprint}: rebuild it with --tokenizer set to the "
+                     "training tokenizer's folder, or train with that tokenizer")
+  pre = Pretokenizer(tokenizer)
+  for key, length in (("query_max_length", cfg.max_query_length), ("passage_max_length", cfg.max_passage_length)):
+    pre.check_max_length(length, built["max_tokens"], f"{key} (source {name!r})")
+  prefixes = {cfg.passage_prefix(name), *([] if cfg.instruct else [cfg.prefix_pair(name)[0]])}
+  try:
+    for prefix in prefixes:
+      check_prefix(prefix)
+  except ValueError as e:
+    log.warning("source %s: tokenizing its texts on the fly, not reading its stored ids: %s", name, e)
+    return False
+  return True
 
 
 class Prefetch:

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence, Union
 
 import numpy as np
 
 from data_pipelines.batch import hash_ids, slots_per_row
 from data_pipelines.mixture import hash64
+from data_pipelines.pretokenized import Pretokenizer
 from me5_jax.tokenize import PASSAGE_PREFIX, QUERY_PREFIX, Tokenizer, instruct_query
 
 # Symmetric pair types (translations): "query: " on both sides, as the model card asks for bitext, and as
@@ -18,6 +19,7 @@ from me5_jax.tokenize import PASSAGE_PREFIX, QUERY_PREFIX, Tokenizer, instruct_q
 SYMMETRIC_SOURCES = ("nllb", "bible")
 SALT_NEGATIVES = 11
 CLIP_CHARS_PER_TOKEN = 4  # texts longer than this many characters per allowed token get clip_words
+Text = Union[str, tuple[str, Sequence[int]]]  # a prefixed text, or (prefix, ids stored at build time)
 
 
 def bucket_lengths(max_length: int, smallest: int = 32) -> tuple[int, ...]:
@@ -98,13 +100,20 @@ class PreprocessConfig:
     symmetric = source.split("/")[0] in SYMMETRIC_SOURCES  # "bible/demo" is a Bible pair set
     return (QUERY_PREFIX, QUERY_PREFIX) if symmetric else (QUERY_PREFIX, PASSAGE_PREFIX)
 
-  def query_text(self, record: Mapping, source: str) -> str:
+  def query_prefix(self, record: Mapping, source: str) -> str:
+    """What goes before the query: its E5 prefix, or the instruct template up to the query."""
     if self.instruct:
-      return instruct_query(record.get("task") or self.instructions[source], record["query"])
-    return self.prefix_pair(source)[0] + record["query"]
+      return instruct_query(record.get("task") or self.instructions[source], "")
+    return self.prefix_pair(source)[0]
+
+  def passage_prefix(self, source: str) -> str:
+    return "" if self.instruct else self.prefix_pair(source)[1]
+
+  def query_text(self, record: Mapping, source: str) -> str:
+    return self.query_prefix(record, source) + record["query"]
 
   def passage_text(self, text: str, source: str) -> str:
-    return text if self.instruct else self.prefix_pair(source)[1] + text
+    return self.passage_prefix(source) + text
 
 
 def _is_text(x) -> bool:
@@ -185,6 +194,9 @@ def pad_score(record: Mapping) -> float:
 class Batcher:
   """Tokenizes formatted texts into the batch dict; `agree_length` lets hosts agree on one bucket.
 
+  A text is a string (prefix included), tokenized here, or a (prefix, ids) pair of ids stored at build
+  time, which only gets its prefix and special tokens (`data_pipelines.pretokenized`: the same ids).
+
   Padded layout (DESIGN.md "Batch contract"): query_ids/mask [B, Lq], passage_ids/mask [B, G, Lp].
   Packed layout (cfg.pack_rows): all B·(1+G) texts packed into `packed_ids`/`packed_segments` [R, L]
   (segment s + 1 of a row is the row's s-th text, 0 is padding), `query_slots` [B] and `passage_slots`
@@ -200,8 +212,28 @@ class Batcher:
     self.query_buckets = cfg.query_buckets or bucket_lengths(cfg.max_query_length)
     self.passage_buckets = cfg.passage_buckets or bucket_lengths(cfg.max_passage_length)
     self.agree_length, self.process_index = agree_length, process_index
+    self.pretokenizer = None  # made on the first pre-tokenized text
 
-  def _token_rows(self, texts: list[str], max_length: int) -> list[list[int]]:
+  def _token_rows(self, items: list[Text], max_length: int) -> list[list[int]]:
+    rows: list = [None] * len(items)
+    at = [i for i, item in enumerate(items) if isinstance(item, str)]
+    for i, r in zip(at, self._tokenized([items[i] for i in at], max_length)):
+      rows[i] = r
+    if len(at) < len(items):
+      pre = self._pretokenizer()
+      for i, item in enumerate(items):
+        if rows[i] is None:
+          rows[i] = pre.row(*item, max_length)
+    return rows
+
+  def _pretokenizer(self):
+    if self.pretokenizer is None:
+      self.pretokenizer = Pretokenizer(self.tokenizer)
+    return self.pretokenizer
+
+  def _tokenized(self, texts: list[str], max_length: int) -> list[list[int]]:
+    if not texts:
+      return []
     # Clipping is only worth a Python call for texts that may hold more words than max_length.
     clipped = [clip_words(t, max_length) if len(t) > CLIP_CHARS_PER_TOKEN * max_length else t for t in texts]
     rows = self.tokenizer.token_ids(clipped, max_length)
@@ -217,7 +249,7 @@ class Batcher:
       length = self.agree_length(key, length)
     return self.tokenizer.pad(rows, length)
 
-  def __call__(self, queries: list[str], passages: list[str], teacher_BxG: np.ndarray | None = None):
+  def __call__(self, queries: list[Text], passages: list[Text], teacher_BxG: np.ndarray | None = None):
     """queries: B texts; passages: B·G texts, row-major (row i's group is passages[i·G:(i+1)·G])."""
     b, g = len(queries), self.cfg.group_size
     if self.cfg.pack_rows:
@@ -231,7 +263,7 @@ class Batcher:
       batch["teacher_scores"] = np.asarray(teacher_BxG, np.float32).reshape(b, g)
     return batch
 
-  def _packed(self, queries: list[str], passages: list[str], teacher_BxG: np.ndarray | None) -> dict:
+  def _packed(self, queries: list[Text], passages: list[Text], teacher_BxG: np.ndarray | None) -> dict:
     cfg, b, g = self.cfg, len(queries), self.cfg.group_size
     rows = self._token_rows(queries, cfg.max_query_length) + self._token_rows(passages, cfg.max_passage_length)
     agree = None if self.agree_length is None else lambda n: self.agree_length("rows", n)

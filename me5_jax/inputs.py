@@ -57,6 +57,7 @@ def _open_sources(config) -> dict[str, Any]:
 def input_pipeline(config, tokenizer: Tokenizer, mesh):
   """The InputPipeline for this process: its share of every global batch, in the batch contract layout.
   Packed rows come in multiples of the batch shards this process feeds (times the GradCache chunk)."""
+  from data_pipelines import pretokenized
   from data_pipelines.input_pipeline import InputPipeline
   from data_pipelines.mixture import MixtureConfig
   from data_pipelines.preprocess import PreprocessConfig
@@ -84,7 +85,8 @@ def input_pipeline(config, tokenizer: Tokenizer, mesh):
     from jax.experimental import multihost_utils
     agree = lambda kind, n: int(multihost_utils.process_allgather(np.array(n)).max())  # noqa: E731
   return InputPipeline(sources, tokenizer, mixture, preprocess, process_index=jax.process_index(),
-                       process_count=jax.process_count(), strict=config.strict_data, agree_length=agree)
+                       process_count=jax.process_count(), strict=config.strict_data, agree_length=agree,
+                       tokenizer_fingerprint=pretokenized.fingerprint(tokenizer.path) if tokenizer.path else None)
 
 
 @dataclasses.dataclass

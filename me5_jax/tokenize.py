@@ -53,6 +53,7 @@ class Tokenizer:
       backend.pre_tokenizer = pre.Sequence([pre.WhitespaceSplit(), backend.pre_tokenizer])
     self.pad_id = pad_id
     self.max_length = max_length
+    self.path: str | None = None  # the folder it was loaded from (from_dir), which names it
     self.num_special = backend.num_special_tokens_to_add(is_pair=False)
 
   @classmethod
@@ -67,8 +68,9 @@ class Tokenizer:
       backend = AutoTokenizer.from_pretrained(path).backend_tokenizer
     else:
       raise FileNotFoundError(f"{path}: the tokenizer is missing (no {', '.join(TOKENIZER_SOURCES)})")
-    pad_id = _pad_id(path, backend)
-    return cls(backend, pad_id, max_length or _model_max_length(path))
+    tokenizer = cls(backend, _pad_id(path, backend), max_length or _model_max_length(path))
+    tokenizer.path = path
+    return tokenizer
 
   def token_ids(self, texts: Sequence[str], max_length: int | None = None) -> list[list[int]]:
     """Ids with special tokens, truncated to max_length (the trailing special token is kept)."""
