@@ -5,9 +5,12 @@ report's weights), held in memory or, with --tfds, written as JSONL, built into 
 by data_pipelines.builders and read back through open_source. The peer is a plain loop over HF
 `tokenizers` batch encoding (truncate to 128, pad to the longest) of exactly the same prefixed texts.
 Tokenization runs on one core (TOKENIZERS_PARALLELISM=false), so pairs per CPU-second is pairs/s per core;
-wall-clock numbers are shown too (they suffer on a shared machine).
+wall-clock numbers are shown too (they suffer on a shared machine). With --pretokenized the datasets are
+built with the token ids stored (`build --tokenizer`, implies --tfds) and the pipeline reads those instead of
+tokenizing; the peer still tokenizes (it is what the ids replace).
 
-  python benchmarks/input_pipeline.py [--tokenizer DIR] [--tsv bible_pd.tsv] [--tfds] [--batch 512]
+  python benchmarks/input_pipeline.py [--tokenizer DIR] [--tsv bible_pd.tsv] [--tfds | --pretokenized]
+                                      [--batch 512]
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ import tokenizers  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from data_pipelines import pretokenized  # noqa: E402
 from data_pipelines.input_pipeline import InputPipeline  # noqa: E402
 from data_pipelines.mixture import MixtureConfig, MixtureSampler  # noqa: E402
 from data_pipelines.preprocess import PreprocessConfig  # noqa: E402
@@ -51,8 +55,9 @@ def memory_sources(tsv: str, passage_verses: int) -> dict[str, list[dict]]:
           for name, (q, p) in SOURCES.items()}
 
 
-def tfds_sources(records: dict[str, list[dict]], data_dir: str) -> dict:
-  """Writes each source as JSONL in its raw field names, builds it, opens it (TF only for building)."""
+def tfds_sources(records: dict[str, list[dict]], data_dir: str, tokenizer_dir: str | None = None) -> dict:
+  """Writes each source as JSONL in its raw field names, builds it (with token ids when `tokenizer_dir`),
+  opens it (TF only for building)."""
   import tensorflow_datasets as tfds
   from data_pipelines import builders, open_source
   from data_pipelines.records import PAIR_FIELDS
@@ -64,7 +69,7 @@ def tfds_sources(records: dict[str, list[dict]], data_dir: str) -> dict:
     with open(path, "w", encoding="utf-8") as f:
       for r in recs:
         f.write(json.dumps({fields.query[0]: r["query"], fields.passage[0]: r["passage"]}) + "\n")
-    builders.build(name, data_dir, [path])
+    builders.build(name, data_dir, [path], tokenizer_dir=tokenizer_dir)
   return {name: open_source(data_dir, name) for name in records}
 
 
@@ -93,8 +98,13 @@ def run(args, passage_verses: int, tmp: str) -> tuple[tuple[float, float], tuple
   records = memory_sources(args.tsv, passage_verses)
   mixture = MixtureConfig(global_batch_size=args.batch, seed=0)
   prep = PreprocessConfig(max_query_length=args.max_length, max_passage_length=args.max_length)
-  sources = tfds_sources(records, os.path.join(tmp, str(passage_verses))) if args.tfds else records
-  pipe = InputPipeline(sources, Tokenizer.from_dir(args.tokenizer), mixture, prep)
+  sources = records
+  if args.tfds:
+    sources = tfds_sources(records, os.path.join(tmp, str(passage_verses)),
+                           args.tokenizer if args.pretokenized else None)
+  fingerprint = pretokenized.fingerprint(args.tokenizer) if args.pretokenized else None
+  pipe = InputPipeline(sources, Tokenizer.from_dir(args.tokenizer), mixture, prep, tokenizer_fingerprint=fingerprint)
+  assert all(pipe.with_ids.values()) == args.pretokenized
   start = pipe.get_state()
   next(pipe)  # warm-up: first reads, allocations; then back to the start
   pipe.set_state(start)
@@ -119,12 +129,14 @@ def main() -> None:
                   help="folder with the XLM-R tokenizer.json")
   ap.add_argument("--tsv", default=None, help="bible_pd.tsv (default: from me5_jax.fetch)")
   ap.add_argument("--tfds", action="store_true", help="read TFDS array_record datasets, not lists")
+  ap.add_argument("--pretokenized", action="store_true", help="TFDS datasets built with token ids, read as ids")
   ap.add_argument("--batch", type=int, default=512, help="global batch (one host)")
   ap.add_argument("--batches", type=int, default=30)
   ap.add_argument("--max-length", type=int, default=128)
   ap.add_argument("--passage-verses", type=int, nargs="+", default=[1, 10],
                   help="verses per passage, one table row pair each")
   args = ap.parse_args()
+  args.tfds = args.tfds or args.pretokenized
   args.tokenizer = args.tokenizer or fetch.fetch("me5-small-q4")
   args.tsv = args.tsv or fetch.fetch("bible_pd.tsv")
   for path in (os.path.join(args.tokenizer, "tokenizer.json"), args.tsv):
@@ -134,13 +146,15 @@ def main() -> None:
   pairs = args.batch * args.batches
   print(f"read → mix → tokenize → batch: {pairs} Bible pairs per row ({', '.join(SOURCES)} → en), "
         f"max length {args.max_length}, batch {args.batch}, "
-        f"sources {'TFDS array_record' if args.tfds else 'in memory'}, 1 tokenizer thread")
+        f"sources {'TFDS array_record' + (' with token ids' if args.pretokenized else '') if args.tfds else 'in memory'}, "
+        "1 tokenizer thread")
   print("| passages | path | pairs/s per core (CPU time) | pairs/s (wall) | ratio to peer (per core) |")
   print("|---|---|---|---|---|")
   with tempfile.TemporaryDirectory() as tmp:
     for verses in args.passage_verses:
       ours, peer = run(args, verses, tmp)
-      for name, (wall, cpu) in (("me5_jax InputPipeline", ours), ("HF tokenizers encode_batch loop", peer)):
+      path = "me5_jax InputPipeline" + (" (stored ids)" if args.pretokenized else "")
+      for name, (wall, cpu) in ((path, ours), ("HF tokenizers encode_batch loop", peer)):
         print(f"| {verses} verse{'s' * (verses > 1)} | {name} | {pairs / cpu:,.0f} | {pairs / wall:,.0f} | "
               f"{peer[1] / cpu:.2f} |", flush=True)
 

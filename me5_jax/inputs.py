@@ -34,24 +34,32 @@ def model_source(config) -> tuple[str, EncoderConfig, Callable[[], Any]]:
   return model_dir, hf_io.pretrained_config(model_dir), lambda: hf_io.load_pretrained(model_dir)[1]
 
 
-def _open_sources(config) -> dict[str, Any]:
+def _open_sources(config, tokenizer: Tokenizer) -> dict[str, Any]:
+  """The `train_data` sources under `data_dir`. The ones the trainer builds itself (AUTO_BUILT, the Bible)
+  are built once per tokenizer with its token ids stored, under DATA_DIR/tokenized/<fingerprint>, so that
+  runs of different models can share a data_dir and every run reads ids instead of tokenizing."""
+  from data_pipelines import pretokenized
   from data_pipelines.source import dataset_path, open_source
   data_dir = os.path.expanduser(config.data_dir or os.path.join(fetch.cache_dir(), "tfds"))
+  own_dir = data_dir
+  if tokenizer.path:
+    own_dir = os.path.join(data_dir, "tokenized", pretokenized.fingerprint(tokenizer.path))
+  build = dict(tokenizer_dir=tokenizer.path) if tokenizer.path else {}
   names = list(config_lib.parse_train_data(config.train_data))
   for name in names:
-    if name in AUTO_BUILT and not os.path.exists(os.path.join(dataset_path(data_dir, name), "dataset_info.json")):
+    if name in AUTO_BUILT and not os.path.exists(os.path.join(dataset_path(own_dir, name), "dataset_info.json")):
       # Process 0 builds; the others wait, then build only if their data_dir is not shared with it.
       from data_pipelines import builders  # imports TFDS's writer side: only when a build is due
       builders.tfds.disable_progress_bar()  # TFDS's per-example bars would bury the trainer's log
       if jax.process_index() == 0:
-        log.info("building the %s dataset into %s (once)", name, data_dir)
-        builders.build(name, data_dir)
+        log.info("building the %s dataset into %s (once per tokenizer)", name, own_dir)
+        builders.build(name, own_dir, **build)
       if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(f"built {name}")
-        if not os.path.exists(dataset_path(data_dir, name)):
-          builders.build(name, data_dir)
-  return {name: open_source(data_dir, name) for name in names}
+        if not os.path.exists(dataset_path(own_dir, name)):
+          builders.build(name, own_dir, **build)
+  return {name: open_source(own_dir if name in AUTO_BUILT else data_dir, name) for name in names}
 
 
 def input_pipeline(config, tokenizer: Tokenizer, mesh):
@@ -61,11 +69,12 @@ def input_pipeline(config, tokenizer: Tokenizer, mesh):
   from data_pipelines.input_pipeline import InputPipeline
   from data_pipelines.mixture import MixtureConfig
   from data_pipelines.preprocess import PreprocessConfig
-  sources = _open_sources(config)
+  sources = _open_sources(config, tokenizer)
   for name, src in sources.items():
     report = getattr(src, "build_report", {}) or {}
     skipped = report.get("skipped") or {}
-    log.info("source %s: %d records%s", name, len(src), f"; skipped at build: {skipped}" if skipped else "")
+    ids = " (token ids stored at build)" if report.get("tokenizer") else ""
+    log.info("source %s: %d records%s%s", name, len(src), ids, f"; skipped at build: {skipped}" if skipped else "")
   weights = config_lib.parse_train_data(config.train_data)
   mixture = MixtureConfig(
       global_batch_size=config.batch_size, seed=config.seed, alpha=config.mixture_alpha,
