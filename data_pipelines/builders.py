@@ -224,6 +224,11 @@ def build(name: str, data_dir: str, files: Sequence[str] = (), *, strict: bool =
       raise readers.InputError(f"--tokenizer {tokenizer_dir}: no such folder")
     if max_tokens < 1:
       raise readers.InputError(f"--max-tokens must be >= 1, got {max_tokens}")
+    from me5_jax.tokenize import Tokenizer
+    try:
+      pretokenized.Pretokenizer(Tokenizer.from_dir(tokenizer_dir)).check_word_by_word()
+    except (ValueError, FileNotFoundError) as e:
+      raise readers.InputError(f"--tokenizer {tokenizer_dir}: {e}") from None
     kwargs.update(tokenizer_dir=tokenizer_dir, max_tokens=max_tokens)
   path = dataset_path(data_dir, name)
   if os.path.exists(path):

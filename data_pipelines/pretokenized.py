@@ -26,6 +26,7 @@ from typing import Sequence
 
 from me5_jax.tokenize import TOKENIZER_SOURCES, Tokenizer
 
+PROBES = ("hello world", "  Grüße, Köln! ", "北京是中国的首都。", "القاهرة عاصمة مصر", "x")
 FINGERPRINT_FILES = TOKENIZER_SOURCES + ("tokenizer_config.json", "special_tokens_map.json")
 DEFAULT_MAX_TOKENS = 512  # the longest text any recipe config reads (query/passage max lengths ≤ 512)
 
@@ -57,6 +58,15 @@ class Pretokenizer:
     empty = tokenizer.backend.encode("").ids  # the special tokens around nothing: head + tail
     self.head, self.tail = empty[:_head_length(tokenizer)], empty[_head_length(tokenizer):]
     self._prefix_ids: dict[str, list[int]] = {}  # a handful of prefixes (and instruct tasks) per run
+
+  def check_word_by_word(self) -> None:
+    """Raises ValueError unless stored ids + a prefix give this tokenizer's own ids on a few probe texts (a
+    byte-level BPE, for one, marks a word's leading space inside its first token, so they would not)."""
+    for prefix in ("query: ", "passage: "):
+      for text in PROBES:
+        if self.row(prefix, self.text_ids([text], 512)[0], 512) != self.tokenizer.token_ids([prefix + text], 512)[0]:
+          raise ValueError(f"this tokenizer does not tokenize word by word ({prefix + text!r} differs from its "
+                           "prefix and text tokenized apart): its ids cannot be stored at build time")
 
   def text_ids(self, texts: Sequence[str], max_tokens: int) -> list[list[int]]:
     """Each text's ids, no special tokens, the first `max_tokens` of them (what a build stores)."""

@@ -62,3 +62,24 @@ def test_fingerprint_names_the_tokenizer_files(tmp_path, minilm_dir, me5_small_d
   assert pretokenized.fingerprint(str(copy)) == pretokenized.fingerprint(minilm_dir)
   (copy / "tokenizer.json").write_text("{}", encoding="utf-8")
   assert pretokenized.fingerprint(str(copy)) != pretokenized.fingerprint(minilm_dir)
+
+
+def test_a_tokenizer_that_is_not_word_by_word_is_refused_before_a_build(tmp_path):
+  """A byte-level BPE (GPT-2 / RoBERTa style) puts a word's leading space into its first token, so "query: "
+  + stored ids differs from tokenizing the prefixed text: the build refuses it, naming the folder."""
+  import tokenizers
+  from tokenizers import decoders, models, pre_tokenizers, trainers
+
+  from data_pipelines import builders, readers
+  bpe = tokenizers.Tokenizer(models.BPE())
+  bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  bpe.decoder = decoders.ByteLevel()
+  bpe.train_from_iterator(["query: hello world", "passage: hello there", "x y z"] * 20,
+                          trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>"]))
+  folder = tmp_path / "bytelevel"
+  folder.mkdir()
+  bpe.save(str(folder / "tokenizer.json"))
+  pairs = tmp_path / "p.jsonl"
+  pairs.write_text('{"query": "q", "passage": "p"}\n', encoding="utf-8")
+  with pytest.raises(readers.InputError, match=f"--tokenizer {folder}: this tokenizer does not tokenize word by word"):
+    builders.build("custom", str(tmp_path / "data"), [str(pairs)], tokenizer_dir=str(folder))
