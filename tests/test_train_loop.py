@@ -300,6 +300,24 @@ def test_bad_config_fails_fast_with_one_line_naming_the_key(override, key, tiny,
   assert elapsed < 30, f"took {elapsed:.1f}s"  # imports only; a compile would add more on this machine
 
 
+def test_data_built_with_another_tokenizer_fails_before_compiling(tiny, me5_small_dir, tmp_path):
+  """The run's tokenizer is MiniLM's; the data stores me5-small's (XLM-R) ids: one line naming both, exit 2."""
+  from data_pipelines import builders, pretokenized
+  pairs = tmp_path / "pairs.jsonl"
+  pairs.write_text("".join(json.dumps({"query": f"q{i}", "passage": f"p{i}"}) + "\n" for i in range(32)),
+                   encoding="utf-8")
+  data_dir = str(tmp_path / "tfds")
+  builders.build("custom", data_dir, [str(pairs)], tokenizer_dir=me5_small_dir)
+  workdir = tmp_path / "run"
+  proc = subprocess.run(train_cmd(tiny, workdir, f"--config.data_dir={data_dir}"), cwd=REPO, env=env(),
+                        capture_output=True, text=True, timeout=TIMEOUT)
+  last = proc.stderr.strip().splitlines()[-1]
+  assert proc.returncode == 2 and last.startswith("me5_jax.train: error: source 'custom' stores token ids of "
+                                                  f"tokenizer {pretokenized.fingerprint(me5_small_dir)}"), proc.stderr[-3000:]
+  assert pretokenized.fingerprint(tiny[0]) in last and "Traceback" not in proc.stderr
+  assert not os.path.exists(workdir / "checkpoints")
+
+
 def free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
