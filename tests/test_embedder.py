@@ -1,6 +1,5 @@
 """`Embedder.encode` on every local device: equal to one device, in input order, each distinct text once."""
 import os
-import socket
 import subprocess
 import sys
 
@@ -12,6 +11,7 @@ from me5_jax import hf_io
 from me5_jax.embedder import Embedder
 from me5_jax.tokenize import Tokenizer
 from multilingual_texts import TEXTS
+from test_train_loop import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -68,12 +68,10 @@ def test_two_processes_embed_what_one_device_does(minilm, minilm_dir, tmp_path):
   texts = texts + texts[::3]  # repeats
   src = tmp_path / "texts.txt"
   src.write_text("".join(t + "\n" for t in texts), encoding="utf-8")
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    port = s.getsockname()[1]
+  port = free_port()
   procs = []
   for i in range(2):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "ME5_CPU_DEVICES": "2", "ME5_COORDINATOR": f"localhost:{port}",
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "ME5_CPU_DEVICES": "2", "ME5_COORDINATOR": f"127.0.0.1:{port}",
            "ME5_NUM_PROCESSES": "2", "ME5_PROCESS_ID": str(i)}
     procs.append(subprocess.Popen([sys.executable, "-m", "me5_jax.embed", "--model", minilm_dir, "--input", str(src),
                                    "--output", str(tmp_path / f"out{i}.npy"), "--batch-size", "8"],
