@@ -1,8 +1,9 @@
 """Build a TFDS dataset from files: `python -m data_pipelines.build --source NAME --files F... --data-dir DIR`.
 
-Prints the number of valid records written and the per-reason counts of skipped ones. Exit status 1,
+Prints the number of valid records written and the per-reason counts of skipped ones. Exit status 2,
 with a one-line message, when an input is unusable or (with --strict) at the first bad record, which
-the message names as FILE:LINE.
+the message names as FILE:LINE. With --beam-runner / --beam-options the files are read by an Apache
+Beam pipeline (data_pipelines.beam_build): worker processes here, or a Dataflow/Flink/Spark cluster.
 """
 from __future__ import annotations
 
@@ -32,6 +33,11 @@ def main(argv: list[str] | None = None) -> int:
                   help="also store every text's token ids under this tokenizer (HF model folder), so training "
                        "with it reads ids instead of tokenizing")
   ap.add_argument("--max-tokens", type=int, default=512, help="token ids stored per text (with --tokenizer)")
+  ap.add_argument("--beam-runner", default=None, metavar="RUNNER",
+                  help="build as an Apache Beam pipeline on this runner (DirectRunner, DataflowRunner, FlinkRunner, "
+                       "...): the same records and report as a one-process build")
+  ap.add_argument("--beam-options", default=None, metavar="FLAGS",
+                  help='Beam pipeline flags, e.g. "--direct_num_workers=2 --direct_running_mode=multi_processing"')
   args = ap.parse_args(argv)
   is_bible = args.source.startswith("bible")
   if bool(args.files) == is_bible:
@@ -43,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
   try:
     report = builders.build(args.source, args.data_dir, args.files, strict=args.strict,
                             overwrite=args.overwrite, lang=args.lang, db_path=args.bible_db,
-                            max_verses=args.max_verses, tokenizer_dir=args.tokenizer, max_tokens=args.max_tokens)
+                            max_verses=args.max_verses, tokenizer_dir=args.tokenizer, max_tokens=args.max_tokens,
+                            beam_runner=args.beam_runner, beam_options=args.beam_options)
   except (readers.InputError, records.BadRecordError) as e:
     return cli.error(PROGRAM, e)
   splits = ", ".join(f"{s} {n}" for s, n in report["splits"].items())

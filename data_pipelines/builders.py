@@ -18,12 +18,14 @@ checks the inputs and the destination before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 from typing import Any, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
 from data_pipelines import bible, pretokenized, readers, records
 from data_pipelines.source import DATASETS, VERSION, dataset_path
@@ -35,7 +37,6 @@ STAGE2_FEATURES = {"query": TEXT, "positive": TEXT, "negatives": tfds.features.S
                    "positive_score": np.float32, "negative_scores": tfds.features.Sequence(np.float32),
                    "task": TEXT}
 IDS = tfds.features.Tensor(shape=(None,), dtype=np.int32)
-TOKENIZE_CHUNK = 512  # examples tokenized per call (the Rust tokenizer batches across threads)
 
 
 class _ReportingBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -70,33 +71,10 @@ class _ReportingBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
                                  metadata=tfds.core.MetadataDict())
 
   def _with_ids(self, examples):
-    """`examples` ((key, example) pairs) with each text's token ids added, tokenized in chunks."""
+    """`examples` ((key, example) pairs) with each text's token ids added (Pretokenizer.add_ids)."""
     if self.pretokenizer is None:
-      yield from examples
-      return
-    chunk = []
-    for item in examples:
-      chunk.append(item)
-      if len(chunk) == TOKENIZE_CHUNK:
-        yield from self._add_ids(chunk)
-        chunk = []
-    yield from self._add_ids(chunk)
-
-  def _add_ids(self, chunk):
-    max_tokens = self.tokenizer_info["max_tokens"]
-    for key in ("query", "passage", "positive"):
-      if chunk and key in chunk[0][1]:
-        for (_, example), ids in zip(chunk, self.pretokenizer.text_ids([e[key] for _, e in chunk], max_tokens)):
-          example[f"{key}_ids"] = np.asarray(ids, np.int32)
-    if chunk and "negatives" in chunk[0][1]:
-      flat = self.pretokenizer.text_ids([n for _, e in chunk for n in e["negatives"]], max_tokens)
-      start = 0
-      for _, example in chunk:
-        rows = flat[start:start + len(example["negatives"])]
-        start += len(rows)
-        example["negatives_ids"] = np.asarray([i for r in rows for i in r], np.int32)
-        example["negatives_lengths"] = np.asarray([len(r) for r in rows], np.int32)
-    return chunk
+      return examples
+    return self.pretokenizer.add_ids(examples, self.tokenizer_info["max_tokens"])
 
   def _log_download_bytes(self) -> None:
     """Silenced: TFDS would announce a download of "Unknown size"; nothing is downloaded here."""
@@ -104,17 +82,20 @@ class _ReportingBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
   def _log_download_done(self) -> None:
     """Silenced: build() returns, and the CLI prints, a summary with the counts instead."""
 
-  def _finish(self, **extra: Any) -> None:
-    """Called once all splits are written, before TFDS saves the info (and so metadata.json)."""
+  def _finish(self, report: dict[str, Any] | None = None, **extra: Any) -> None:
+    """Called once all splits are written, before TFDS saves the info (and so metadata.json), with the
+    report of this process (default) or the one merged from a Beam build's workers."""
     tokenizer = {"tokenizer": self.tokenizer_info} if self.tokenizer_info else {}
-    self.info.metadata["build_report"] = {**self.report.to_json(), **extra, **tokenizer}
+    self.info.metadata["build_report"] = {**(report or self.report.to_json()), **extra, **tokenizer}
 
 
 class _FilesBuilder(_ReportingBuilder, skip_registration=True):
-  """A builder over user files (JSONL / TSV / Parquet), one "train" split."""
+  """A builder over user files (JSONL / TSV / Parquet), one "train" split; in this process, or with
+  `beam=True` as an Apache Beam pipeline (data_pipelines.beam_build) that writes the same records."""
 
-  def __init__(self, *, files: Sequence[str] = (), **kwargs):
+  def __init__(self, *, files: Sequence[str] = (), beam: bool = False, span_bytes: int | None = None, **kwargs):
     self.files = [os.fspath(f) for f in files]
+    self.beam, self.span_bytes = beam, span_bytes
     super().__init__(**kwargs)
 
   def _parser(self):
@@ -122,7 +103,25 @@ class _FilesBuilder(_ReportingBuilder, skip_registration=True):
 
   def _split_generators(self, dl_manager):
     del dl_manager  # nothing to download: the files are the user's
-    return {"train": self._with_ids(self._generate_examples())}
+    if not self.beam:
+      return {"train": self._with_ids(self._generate_examples())}
+    from data_pipelines import beam_build
+    tokenizer = self.tokenizer_info or {}
+    return {"train": beam_build.ReadFiles(
+        self.files, self._parser(), strict=self.report.strict, report_path=self._report_path(),
+        tokenizer_dir=tokenizer.get("dir"), max_tokens=tokenizer.get("max_tokens", pretokenized.DEFAULT_MAX_TOKENS),
+        span_bytes=self.span_bytes or beam_build.SPAN_BYTES)}
+
+  def _report_path(self) -> str:
+    from data_pipelines import beam_build
+    return os.path.join(os.fspath(self.data_dir), beam_build.REPORT_FILE)  # the folder being built
+
+  def _download_and_prepare(self, dl_manager, download_config):
+    super()._download_and_prepare(dl_manager, download_config)
+    if self.beam:  # the pipeline has run: store its workers' merged report
+      report_file = epath.Path(self._report_path())
+      self._finish(json.loads(report_file.read_text()), files=self.files)
+      report_file.unlink()
 
   def _generate_examples(self):
     yield from records.validated(self.files, self._parser(), self.report)
@@ -191,10 +190,13 @@ class Me5Bible(_ReportingBuilder):
 def build(name: str, data_dir: str, files: Sequence[str] = (), *, strict: bool = False,
           overwrite: bool = False, lang: str = "", db_path: str | None = None,
           max_verses: int | None = None, tokenizer_dir: str | None = None,
-          max_tokens: int = pretokenized.DEFAULT_MAX_TOKENS) -> dict[str, Any]:
+          max_tokens: int = pretokenized.DEFAULT_MAX_TOKENS, beam_runner: str | None = None,
+          beam_options: str | None = None, span_bytes: int | None = None) -> dict[str, Any]:
   """Builds the dataset of source `name` (a key of source.DATASETS) into `data_dir`; returns the build
   report (valid / skipped counts by reason and file, plus "path" and "splits"). With `tokenizer_dir`, the
-  texts' token ids are stored too (module docstring).
+  texts' token ids are stored too (module docstring). With `beam_runner` or `beam_options` (a string of
+  Beam pipeline flags) the files are read by an Apache Beam pipeline (data_pipelines.beam_build), in
+  spans of `span_bytes`; the records and the report are those of the one-process build.
 
   Raises readers.InputError for unusable inputs or an existing dataset (unless overwrite), before any
   work; records.BadRecordError in strict mode at the first bad record (nothing is left behind then).
@@ -202,9 +204,13 @@ def build(name: str, data_dir: str, files: Sequence[str] = (), *, strict: bool =
   if name not in DATASETS:
     raise readers.InputError(f"unknown source {name!r}; known: {', '.join(DATASETS)}")
   builder_name, config = DATASETS[name]
+  use_beam = bool(beam_runner or beam_options)
   if builder_name == "me5_bible":
     if files:
       raise readers.InputError("the Bible source reads bible.db (db_path), not files")
+    if use_beam:
+      raise readers.InputError("--beam-runner/--beam-options: the Bible source builds in one process (one "
+                               "SQLite file); Beam builds are for --files")
     db_path = db_path or bible.default_db()
     if not os.path.isfile(db_path):
       raise readers.InputError(f"{db_path}: no such Bible database")
@@ -214,11 +220,11 @@ def build(name: str, data_dir: str, files: Sequence[str] = (), *, strict: bool =
       if readers.file_format(path) == "tsv":
         raise readers.InputError(f"{path}: stage-2 records hold lists (negatives); use JSONL or Parquet")
     readers.check_files(files, records.STAGE2_REQUIRED)
-    kwargs = {"files": files, "strict": strict}
+    kwargs = {"files": files, "strict": strict, "beam": use_beam, "span_bytes": span_bytes}
   else:
     fields = records.PAIR_FIELDS[config]
     readers.check_files(files, [("query", *fields.query), ("passage", *fields.passage)])
-    kwargs = {"files": files, "strict": strict, "lang": lang}
+    kwargs = {"files": files, "strict": strict, "lang": lang, "beam": use_beam, "span_bytes": span_bytes}
   if tokenizer_dir is not None:
     if not os.path.isdir(tokenizer_dir):
       raise readers.InputError(f"--tokenizer {tokenizer_dir}: no such folder")
@@ -230,6 +236,16 @@ def build(name: str, data_dir: str, files: Sequence[str] = (), *, strict: bool =
     except (ValueError, FileNotFoundError) as e:
       raise readers.InputError(f"--tokenizer {tokenizer_dir}: {e}") from None
     kwargs.update(tokenizer_dir=tokenizer_dir, max_tokens=max_tokens)
+  if use_beam:
+    try:
+      from data_pipelines import beam_build
+    except ImportError as e:
+      raise readers.InputError(f"--beam-runner/--beam-options need apache-beam ({e}); pip install "
+                               "'me5_jax[data]'") from None
+    try:
+      pipeline_options = beam_build.pipeline_options(beam_options or "")
+    except ValueError as e:
+      raise readers.InputError(f"--beam-options {beam_options!r}: {e}") from None
   path = dataset_path(data_dir, name)
   if os.path.exists(path):
     if not overwrite:
@@ -237,6 +253,16 @@ def build(name: str, data_dir: str, files: Sequence[str] = (), *, strict: bool =
     shutil.rmtree(path)
   builder_cls = {"me5_pairs": Me5Pairs, "me5_stage2": Me5Stage2, "me5_bible": Me5Bible}[builder_name]
   builder = builder_cls(data_dir=data_dir, config=config, **kwargs)
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  download_config = tfds.download.DownloadConfig(try_download_gcs=False)
+  if use_beam:
+    download_config = tfds.download.DownloadConfig(try_download_gcs=False, beam_runner=beam_runner,
+                                                   beam_options=pipeline_options)
+  try:
+    builder.download_and_prepare(download_config=download_config)
+  except Exception as e:
+    bad_record = use_beam and beam_build.strict_error(e)
+    if bad_record:  # a worker's strict-mode stop, as the one-process build raises it
+      raise bad_record from None
+    raise
   return {**builder.info.metadata["build_report"], "path": os.fspath(builder.data_dir),
           "splits": {s: info.num_examples for s, info in builder.info.splits.items()}}

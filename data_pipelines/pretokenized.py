@@ -21,14 +21,18 @@ one can be refused before anything compiles.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
 
 from me5_jax.tokenize import TOKENIZER_SOURCES, Tokenizer
 
 PROBES = ("hello world", "  Grüße, Köln! ", "北京是中国的首都。", "القاهرة عاصمة مصر", "x")
 FINGERPRINT_FILES = TOKENIZER_SOURCES + ("tokenizer_config.json", "special_tokens_map.json")
 DEFAULT_MAX_TOKENS = 512  # the longest text any recipe config reads (query/passage max lengths ≤ 512)
+TOKENIZE_CHUNK = 512  # examples tokenized per call at build time
 
 
 def fingerprint(tokenizer_dir: str) -> str:
@@ -72,6 +76,26 @@ class Pretokenizer:
     """Each text's ids, no special tokens, the first `max_tokens` of them (what a build stores)."""
     encodings = self.tokenizer.backend.encode_batch(list(texts), add_special_tokens=False)
     return [e.ids[:max_tokens] for e in encodings]
+
+  def add_ids(self, examples: Iterable[tuple[str, dict]], max_tokens: int) -> Iterator[tuple[str, dict]]:
+    """(key, example) pairs with each text's ids added, as a build stores them: `<text>_ids` beside each
+    text, a stage-2 example's negatives as one flat `negatives_ids` split by `negatives_lengths`. Tokenized
+    TOKENIZE_CHUNK examples per call (the Rust tokenizer batches across threads)."""
+    examples = iter(examples)
+    while chunk := list(itertools.islice(examples, TOKENIZE_CHUNK)):
+      for key in ("query", "passage", "positive"):
+        if key in chunk[0][1]:
+          for (_, example), ids in zip(chunk, self.text_ids([e[key] for _, e in chunk], max_tokens)):
+            example[f"{key}_ids"] = np.asarray(ids, np.int32)
+      if "negatives" in chunk[0][1]:
+        flat = self.text_ids([n for _, e in chunk for n in e["negatives"]], max_tokens)
+        start = 0
+        for _, example in chunk:
+          rows = flat[start:start + len(example["negatives"])]
+          start += len(rows)
+          example["negatives_ids"] = np.asarray([i for r in rows for i in r], np.int32)
+          example["negatives_lengths"] = np.asarray([len(r) for r in rows], np.int32)
+      yield from chunk
 
   def prefix_ids(self, prefix: str) -> list[int]:
     if prefix not in self._prefix_ids:

@@ -22,6 +22,16 @@ class InputError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
+class Span:
+  """A part of a JSONL/TSV file that a worker reads alone: the lines that *start* at a byte offset in
+  [start, end). `first_line` is the file line number of its first line (data_pipelines.beam counts the
+  lines of the spans before it), so that rows keep their FILE:LINE. Parquet files are read whole."""
+  start: int
+  end: int
+  first_line: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
 class Row:
   """One raw record. `line` is 1-based: the file line for JSONL/TSV (the TSV header is line 1), the row
   number for Parquet. `value` is the decoded JSON value or a column → value dict; None when `error` is set."""
@@ -80,18 +90,58 @@ def check_files(paths: Sequence[str], required: Sequence[Sequence[str]] = (), fm
                          f"the file has: {', '.join(names) or 'no columns'})")
 
 
-def read_rows(path: str, fmt: str | None = None) -> Iterator[Row]:
-  """The rows of `path`, read as `fmt` ("jsonl", "tsv", "parquet"; default: by its extension)."""
-  return {"jsonl": _jsonl_rows, "tsv": _tsv_rows, "parquet": _parquet_rows}[fmt or file_format(path)](path)
+def read_rows(path: str, fmt: str | None = None, span: Span | None = None) -> Iterator[Row]:
+  """The rows of `path`, read as `fmt` ("jsonl", "tsv", "parquet"; default: by its extension); with `span`,
+  only the rows of the lines starting in it (JSONL and TSV)."""
+  fmt = fmt or file_format(path)
+  if fmt == "parquet":
+    if span is not None:
+      raise ValueError(f"{path}: Parquet files are read whole, not in spans")
+    return _parquet_rows(path)
+  return {"jsonl": _jsonl_rows, "tsv": _tsv_rows}[fmt](path, span or Span(0, os.path.getsize(path)))
 
 
-def _lines(path: str) -> Iterator[tuple[int, bytes]]:
-  """(1-based line number, line without its line ending) for non-blank lines."""
+def spans(path: str, span_bytes: int, fmt: str | None = None) -> list[Span]:
+  """`path` cut into spans of about `span_bytes` (the whole file for Parquet); their `first_line` is 1
+  until the lines before them are counted (`lines_in`)."""
+  size = os.path.getsize(path)
+  if (fmt or file_format(path)) == "parquet" or size <= span_bytes:
+    return [Span(0, size)]
+  return [Span(start, min(start + span_bytes, size)) for start in range(0, size, span_bytes)]
+
+
+def lines_in(path: str, span: Span, block_bytes: int = 1 << 24) -> int:
+  """The number of lines (blank ones included) that start in `span`: a line starts at byte 0 and after
+  every newline."""
+  count = int(span.start == 0)
   with open(path, "rb") as f:
-    for number, line in enumerate(f, 1):
-      line = line.rstrip(b"\r\n")
-      if line.strip():
-        yield number, line
+    f.seek(max(span.start - 1, 0))
+    remaining = span.end - 1 - max(span.start - 1, 0)  # a newline at byte p starts a line at p + 1
+    while remaining > 0:
+      block = f.read(min(block_bytes, remaining))
+      if not block:
+        break
+      count += block.count(b"\n")
+      remaining -= len(block)
+  return count
+
+
+def _lines(path: str, span: Span) -> Iterator[tuple[int, bytes]]:
+  """(1-based line number, line without its line ending) for the non-blank lines starting in `span`."""
+  with open(path, "rb") as f:
+    if span.start > 0:  # a line starts here only if the byte before is a newline
+      f.seek(span.start - 1)
+      if f.read(1) != b"\n":
+        f.readline()
+    position, number = f.tell(), span.first_line
+    for line in f:
+      if position >= span.end:
+        break
+      position += len(line)
+      stripped = line.rstrip(b"\r\n")
+      if stripped.strip():
+        yield number, stripped
+      number += 1
 
 
 def _decoded(path: str, number: int, line: bytes) -> Row | str:
@@ -103,8 +153,8 @@ def _decoded(path: str, number: int, line: bytes) -> Row | str:
     return Row(path, number, error="undecodable", detail=f"invalid UTF-8 at byte {e.start}")
 
 
-def _jsonl_rows(path: str) -> Iterator[Row]:
-  for number, line in _lines(path):
+def _jsonl_rows(path: str, span: Span) -> Iterator[Row]:
+  for number, line in _lines(path, span):
     text = _decoded(path, number, line)
     if isinstance(text, Row):
       yield text
@@ -115,10 +165,10 @@ def _jsonl_rows(path: str) -> Iterator[Row]:
       yield Row(path, number, error="malformed_json", detail=f"{e.msg} at column {e.colno}")
 
 
-def _tsv_rows(path: str) -> Iterator[Row]:
+def _tsv_rows(path: str, span: Span) -> Iterator[Row]:
   """Tab-separated, no quoting (a text containing a tab must have it escaped); the first line names columns."""
   header = columns(path, "tsv")
-  for number, line in _lines(path):
+  for number, line in _lines(path, span):
     if number == 1:
       continue
     text = _decoded(path, number, line)

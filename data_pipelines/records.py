@@ -82,16 +82,26 @@ STAGE2_REQUIRED = (("query", "query"), ("positive", "positive"), ("negatives", "
 
 
 class BuildReport:
-  """Counts of valid and skipped records, by reason and by file; in strict mode the first bad one raises."""
+  """Counts of valid and skipped records, by reason and by file; in strict mode the first bad one raises.
 
-  def __init__(self, strict: bool = False):
+  Reports of disjoint parts of the same input merge (`merge`) into the report of reading it all in one
+  pass: counts add up, and the kept locations (the first per file and reason, the first
+  EXAMPLES_PER_REASON per reason) are the earliest ones in (file order, line) order, whichever part saw
+  them. That is how a Beam build's workers (data_pipelines.beam) report exactly what one process would.
+  `files` gives the file order; files not in it rank after, in the order they were first seen.
+  """
+
+  def __init__(self, strict: bool = False, files: Sequence[str] = ()):
     self.strict = strict
+    self._ranks = {path: rank for rank, path in enumerate(files)}  # file order, for the kept locations
     self.valid = 0
     self.skipped: collections.Counter[str] = collections.Counter()
     self.by_file: dict[str, dict[str, Any]] = {}
-    self.examples: dict[str, list[str]] = collections.defaultdict(list)
+    # reason -> [(path, line, "FILE:LINE: detail")], the earliest EXAMPLES_PER_REASON
+    self.examples: dict[str, list[tuple[str, int, str]]] = collections.defaultdict(list)
 
   def _file(self, path: str) -> dict[str, Any]:
+    self._ranks.setdefault(path, len(self._ranks))
     return self.by_file.setdefault(path, {"valid": 0, "skipped": collections.Counter(), "first": {}})
 
   def ok(self, path: str) -> None:
@@ -103,24 +113,51 @@ class BuildReport:
     if self.strict:
       raise BadRecordError(f"{where}: {reason}: {detail}")
     self.skipped[reason] += 1
-    self._file(path)["skipped"][reason] += 1
-    self._file(path)["first"].setdefault(reason, f"{where}: {reason}: {detail}")
-    if len(self.examples[reason]) < EXAMPLES_PER_REASON:
-      self.examples[reason].append(f"{where}: {detail}")
+    counts = self._file(path)
+    counts["skipped"][reason] += 1
+    if reason not in counts["first"] or line < counts["first"][reason][0]:
+      counts["first"][reason] = (line, f"{where}: {reason}: {detail}")
+    self._keep_examples(reason, [(path, line, f"{where}: {detail}")])
+
+  def _keep_examples(self, reason: str, examples: list[tuple[str, int, str]]) -> None:
+    kept = self.examples[reason]
+    kept.extend(examples)
+    kept.sort(key=lambda e: (self._ranks[e[0]], e[1]))
+    del kept[EXAMPLES_PER_REASON:]
+
+  def merge(self, other: "BuildReport") -> "BuildReport":
+    """Adds `other` (a report of another part of the same input) into this one; returns self."""
+    self.valid += other.valid
+    self.skipped.update(other.skipped)
+    for path, theirs in other.by_file.items():
+      counts = self._file(path)
+      counts["valid"] += theirs["valid"]
+      counts["skipped"].update(theirs["skipped"])
+      for reason, first in theirs["first"].items():
+        if reason not in counts["first"] or first < counts["first"][reason]:
+          counts["first"][reason] = first
+    for reason, kept in other.examples.items():
+      self._keep_examples(reason, list(kept))
+    return self
+
+  def _ordered_files(self) -> list[str]:
+    return sorted(self.by_file, key=self._ranks.__getitem__)
 
   def skipped_by_file(self) -> dict[str, int]:
     """{"<file name>: <reason>": count}, as evaluation results report what they left out."""
-    return {f"{os.path.basename(p)}: {r}": n for p, f in self.by_file.items() for r, n in f["skipped"].items()}
+    return {f"{os.path.basename(p)}: {r}": n for p in self._ordered_files()
+            for r, n in self.by_file[p]["skipped"].items()}
 
   def first_bad(self) -> list[str]:
     """One line per file and reason: the first skipped record (FILE:LINE: reason: detail) and the count."""
-    return [f"{first} ({f['skipped'][reason]} skipped, the first shown)"
-            for f in self.by_file.values() for reason, first in f["first"].items()]
+    return [f"{first} ({self.by_file[p]['skipped'][reason]} skipped, the first shown)"
+            for p in self._ordered_files() for reason, (_, first) in self.by_file[p]["first"].items()]
 
   def to_json(self) -> dict[str, Any]:
     return {"valid": self.valid, "skipped": dict(self.skipped), "skipped_total": sum(self.skipped.values()),
-            "by_file": {p: {"valid": f["valid"], "skipped": dict(f["skipped"])} for p, f in self.by_file.items()},
-            "examples": dict(self.examples)}
+            "by_file": {p: {"valid": self.by_file[p]["valid"], "skipped": dict(self.by_file[p]["skipped"])}
+                        for p in self._ordered_files()},
+            "examples": {reason: [text for _, _, text in kept] for reason, kept in self.examples.items()}}
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -136,10 +173,11 @@ def format_report(report: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
-def readable_rows(path: str, report: BuildReport, fmt: str | None = None) -> Iterator[readers.Row]:
-  """The rows of `path` that decode (read as `fmt`, default by extension); the damaged ones go to `report`.
-  What the builds and `me5_jax.evaluate` read user files with."""
-  for row in readers.read_rows(path, fmt):
+def readable_rows(path: str, report: BuildReport, fmt: str | None = None,
+                  span: readers.Span | None = None) -> Iterator[readers.Row]:
+  """The rows of `path` (of `span` only, if given) that decode (read as `fmt`, default by extension); the
+  damaged ones go to `report`. What the builds and `me5_jax.evaluate` read user files with."""
+  for row in readers.read_rows(path, fmt, span):
     if row.error:
       report.bad(path, row.line, row.error, row.detail)
     else:
@@ -150,14 +188,21 @@ def validated(paths: Sequence[str], parse: Callable[[Any], dict[str, Any]], repo
               ) -> Iterator[tuple[str, dict[str, Any]]]:
   """(unique key "file#:line", example) for every valid record of `paths`; the others go to `report`."""
   for file_index, path in enumerate(paths):
-    for row in readable_rows(path, report):
-      try:
-        example = parse(row.value)
-      except _Invalid as e:
-        report.bad(path, row.line, e.reason, e.detail)
-        continue
-      report.ok(path)
-      yield f"{file_index}:{row.line}", example
+    yield from validated_span(file_index, path, None, parse, report)
+
+
+def validated_span(file_index: int, path: str, span: readers.Span | None, parse: Callable[[Any], dict[str, Any]],
+                   report: BuildReport) -> Iterator[tuple[str, dict[str, Any]]]:
+  """`validated` for one file (the `file_index`-th input), or one span of it: the one place the record
+  rules are applied, by one process and by each Beam worker alike."""
+  for row in readable_rows(path, report, span=span):
+    try:
+      example = parse(row.value)
+    except _Invalid as e:
+      report.bad(path, row.line, e.reason, e.detail)
+      continue
+    report.ok(path)
+    yield f"{file_index}:{row.line}", example
 
 
 def _text(value: Any, name: str, allow_empty: bool = False) -> str:
