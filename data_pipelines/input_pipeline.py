@@ -27,8 +27,8 @@ from typing import Callable, Mapping, Protocol
 import numpy as np
 
 from data_pipelines.mixture import MixtureConfig, MixtureSampler, Plan, uniform
-from data_pipelines.preprocess import (Batcher, PreprocessConfig, check_record, choose_negatives,
-                                       pad_score)
+from data_pipelines.preprocess import (Batcher, PreprocessConfig, agree_shapes, check_record,
+                                       choose_negatives, pad_score)
 from data_pipelines.pretokenized import Pretokenizer, check_prefix
 from me5_jax.tokenize import Tokenizer
 
@@ -66,8 +66,9 @@ class InputPipeline:
       local_texts = mixture.global_batch_size // process_count * (1 + preprocess.group_size)
       limits = {"query": preprocess.max_query_length, "passage": preprocess.max_passage_length,
                 "rows": -(-local_texts // preprocess.row_multiple) * preprocess.row_multiple}  # a row per text
-      agree_length = lambda kind, length: limits[kind]  # noqa: E731
-    self.batcher = Batcher(tokenizer, preprocess, agree_length, process_index)
+      agree_length = _Limits(limits)
+    self.agree_length, self.process_index = agree_length, process_index
+    self.batcher = Batcher(tokenizer, preprocess, process_index=process_index)  # agreeing is `finish`'s
     self.with_ids = {name: _uses_ids(name, source, preprocess, tokenizer, tokenizer_fingerprint)
                      for name, source in self.sources.items()}
     self._bad = collections.Counter()
@@ -76,7 +77,29 @@ class InputPipeline:
     return self
 
   def __next__(self) -> dict:
-    plan = self.sampler.next_plan()
+    return self.finish(*self.build(self.sampler.next_plan()))
+
+  def build(self, plan: Plan) -> tuple[dict, collections.Counter]:
+    """The batch of `plan` in this host's own shapes, and the records it skipped ({(source, reason): n}):
+    a pure function of the plan, so read workers (data_pipelines.read_workers) can build any step's."""
+    self._bad, outer = collections.Counter(), self._bad
+    try:
+      return self._batch(plan), self._bad
+    finally:
+      self._bad = outer
+
+  def finish(self, batch: dict, bad: collections.Counter) -> dict:
+    """Counts `bad` and pads `batch` to the shapes the hosts agree on, in step order."""
+    self._bad.update(bad)
+    if self.agree_length is None:
+      return batch
+    return agree_shapes(batch, self.agree_length, self.process_index, self.batcher.tokenizer.pad_id)
+
+  def __getstate__(self) -> dict:
+    """What a read worker gets: everything but `agree_length` (a collective, maybe), which stays here."""
+    return {**self.__dict__, "agree_length": None}
+
+  def _batch(self, plan: Plan) -> dict:
     queries, passages, teacher = [], [], []
     for row, s, record in zip(plan.rows.tolist(), plan.sources.tolist(), self._records(plan)):
       name = self.sampler.names[s]
@@ -89,7 +112,7 @@ class InputPipeline:
       group, scores = self._group(name, record, plan.step, row)
       passages.extend((passage_prefix, p_ids) if ids else passage_prefix + text for text, p_ids in group)
       teacher.append(scores)
-    return self.batcher(queries, passages, teacher if self.cfg.stage == 2 and self.cfg.use_teacher else None)
+    return self.batcher.local(queries, passages, teacher if self.cfg.stage == 2 and self.cfg.use_teacher else None)
 
   def _records(self, plan: Plan) -> list[Mapping]:
     """The plan's valid records in row order, read with one batched call per source."""
@@ -165,6 +188,16 @@ class InputPipeline:
 
   def set_state(self, state: Mapping) -> None:
     self.sampler.set_state(state)
+
+
+class _Limits:
+  """agree_length of hosts that were given none: every host pads to the max lengths (picklable)."""
+
+  def __init__(self, limits: dict[str, int]):
+    self.limits = limits
+
+  def __call__(self, kind: str, length: int) -> int:
+    return self.limits[kind]
 
 
 def _split(flat: list[int], lengths: list[int]) -> list[list[int]]:

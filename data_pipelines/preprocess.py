@@ -9,7 +9,7 @@ from typing import Callable, Mapping, Sequence, Union
 
 import numpy as np
 
-from data_pipelines.batch import hash_ids, slots_per_row
+from data_pipelines.batch import hash_ids, is_packed, slots_per_row
 from data_pipelines.mixture import hash64
 from data_pipelines.pretokenized import Pretokenizer
 from me5_jax.tokenize import PASSAGE_PREFIX, QUERY_PREFIX, Tokenizer, instruct_query
@@ -242,20 +242,25 @@ class Batcher:
       rows[i] = r
     return rows
 
-  def _tokenize(self, texts: list[str], max_length: int, buckets: Sequence[int], key: str):
+  def _tokenize(self, texts: list[str], max_length: int, buckets: Sequence[int]):
     rows = self._token_rows(texts, max_length)
-    length = pick_bucket(max(len(r) for r in rows), buckets)
-    if self.agree_length is not None:
-      length = self.agree_length(key, length)
-    return self.tokenizer.pad(rows, length)
+    return self.tokenizer.pad(rows, pick_bucket(max(len(r) for r in rows), buckets))
 
   def __call__(self, queries: list[Text], passages: list[Text], teacher_BxG: np.ndarray | None = None):
     """queries: B texts; passages: B·G texts, row-major (row i's group is passages[i·G:(i+1)·G])."""
+    batch = self.local(queries, passages, teacher_BxG)
+    if self.agree_length is not None:
+      batch = agree_shapes(batch, self.agree_length, self.process_index, self.tokenizer.pad_id)
+    return batch
+
+  def local(self, queries: list[Text], passages: list[Text], teacher_BxG: np.ndarray | None = None):
+    """The batch in this host's own shapes (its bucket lengths, its packed rows), before `agree_shapes`:
+    what read workers build (data_pipelines.read_workers), while agreeing stays with the caller."""
     b, g = len(queries), self.cfg.group_size
     if self.cfg.pack_rows:
       return self._packed(queries, passages, teacher_BxG)
-    query_ids, query_mask = self._tokenize(queries, self.cfg.max_query_length, self.query_buckets, "query")
-    ids_NxL, mask_NxL = self._tokenize(passages, self.cfg.max_passage_length, self.passage_buckets, "passage")
+    query_ids, query_mask = self._tokenize(queries, self.cfg.max_query_length, self.query_buckets)
+    ids_NxL, mask_NxL = self._tokenize(passages, self.cfg.max_passage_length, self.passage_buckets)
     batch = {"query_ids": query_ids, "query_mask": query_mask,
              "passage_ids": ids_NxL.reshape(b, g, -1), "passage_mask": mask_NxL.reshape(b, g, -1),
              "passage_hash": hash_ids(ids_NxL, mask_NxL).reshape(b, g, 2)}
@@ -266,10 +271,8 @@ class Batcher:
   def _packed(self, queries: list[Text], passages: list[Text], teacher_BxG: np.ndarray | None) -> dict:
     cfg, b, g = self.cfg, len(queries), self.cfg.group_size
     rows = self._token_rows(queries, cfg.max_query_length) + self._token_rows(passages, cfg.max_passage_length)
-    agree = None if self.agree_length is None else lambda n: self.agree_length("rows", n)
     ids_RxL, segments_RxL, slots_T = pack_token_rows(rows, max(cfg.max_query_length, cfg.max_passage_length),
-                                                     self.tokenizer.pad_id, cfg.row_multiple, self.process_index,
-                                                     agree)
+                                                     self.tokenizer.pad_id, cfg.row_multiple, self.process_index)
     p_ids, p_mask = self.tokenizer.pad(rows[b:])
     batch = {"packed_ids": ids_RxL, "packed_segments": segments_RxL, "query_slots": slots_T[:b],
              "passage_slots": slots_T[b:].reshape(b, g), "passage_hash": hash_ids(p_ids, p_mask).reshape(b, g, 2)}
@@ -278,15 +281,39 @@ class Batcher:
     return batch
 
 
+def agree_shapes(batch: dict, agree_length: Callable[[str, int], int], process_index: int, pad_id: int) -> dict:
+  """`batch` (Batcher.local) padded to the lengths all hosts agree on: agree_length(kind, local) for "query"
+  and "passage" lengths, or "rows" for the packed layout, whose slots then move with this host's rows
+  (host h's rows come h-th in the global array, so they start at h · agreed rows)."""
+  out = dict(batch)
+
+  def pad(key, axis, to, value):
+    widths = [(0, 0)] * batch[key].ndim
+    widths[axis] = (0, to - batch[key].shape[axis])
+    out[key] = np.pad(batch[key], widths, constant_values=value)
+
+  if is_packed(batch):
+    rows, row_length = batch["packed_ids"].shape
+    agreed = agree_length("rows", rows)
+    pad("packed_ids", 0, agreed, pad_id)
+    pad("packed_segments", 0, agreed, 0)
+    shift = process_index * (agreed - rows) * slots_per_row(row_length)
+    out["query_slots"], out["passage_slots"] = batch["query_slots"] + shift, batch["passage_slots"] + shift
+    return out
+  for kind, ids, mask in (("query", "query_ids", "query_mask"), ("passage", "passage_ids", "passage_mask")):
+    length = agree_length(kind, batch[ids].shape[-1])
+    pad(ids, -1, length, pad_id)
+    pad(mask, -1, length, 0)
+  return out
+
+
 def pack_token_rows(rows: Sequence[Sequence[int]], row_length: int, pad_id: int, row_multiple: int = 1,
-                    process_index: int = 0, agree_rows: Callable[[int], int] | None = None):
+                    process_index: int = 0):
   """Token rows → (ids_RxL, segments_RxL, slots_T): the packed layout of Batcher, R a multiple of
-  row_multiple (or what agree_rows makes of it); slot t = (global row of text t) · S + its segment − 1."""
+  row_multiple (before `agree_shapes`); slot t = (global row of text t) · S + its segment − 1."""
   num_slots = slots_per_row(row_length)
   packing = pack_texts([len(r) for r in rows], row_length, num_slots)
   num_rows = -(-len(packing) // row_multiple) * row_multiple
-  if agree_rows is not None:
-    num_rows = agree_rows(num_rows)
   ids_RxL = np.full((num_rows, row_length), pad_id, np.int32)
   segments_RxL = np.zeros((num_rows, row_length), np.int32)
   slots_T = np.empty(len(rows), np.int32)

@@ -73,6 +73,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.use_teacher = True                 # finetune: KL to the teacher scores + loss.kd_alpha * InfoNCE
   # Loop, logging, checkpoints, profiles.
   c.prefetch_batches = 2               # global batches already on the devices ahead of the step (1 or 2)
+  # Processes that read, decode and batch records (data_pipelines.read_workers), prefetch_batches each
+  # ahead; 0 = one background thread in the training process. The batches are the same either way.
+  c.read_workers = 0
   c.steps_in_flight = 0                # steps dispatched and not yet read (1 or 2); 0 = me5_jax.dispatch's bound
   c.profile_steps = ""                 # "START,COUNT": jax.profiler trace of those steps in WORKDIR/profile
   c.log_every_steps = 10
@@ -109,6 +112,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   need(c.attention_dropout == -1 or 0 <= c.attention_dropout < 1, "attention_dropout",
        "must be -1 (the checkpoint's) or in [0, 1)")
   need(c.prefetch_batches in (1, 2), "prefetch_batches", "must be 1 or 2")
+  need(isinstance(c.read_workers, int) and c.read_workers >= 0, "read_workers", "must be an integer >= 0")
   need(c.steps_in_flight in (0, 1, 2), "steps_in_flight", "must be 0 (auto), 1 or 2")
   need(all(part.startswith("xla_") and "=" in part for part in c.xla_cpu_options.split()), "xla_cpu_options",
        'must be space-separated "xla_...=value" options')

@@ -110,16 +110,22 @@ class DeviceFeed:
   """The next `depth` global batches, already copied to the devices, so a step never waits for the host.
 
   `pop()` hands out the oldest; `fill()` (called right after the step is dispatched) builds the next host
-  batch and starts its copy while the step runs. In one process the host batches come from a background
-  thread (`Prefetch`: tokenizing releases the GIL), so building overlaps even a blocking metrics read; with
-  several processes they are built in the loop's thread, because hosts agree on shapes with a device
-  collective (`agree_length`), which must not interleave with the step's collectives from another thread.
+  batch and starts its copy while the step runs. With `read_workers` the host batches are built by that
+  many processes (`ReadWorkers`), `depth` each ahead. Otherwise, in one process, they come from a
+  background thread (`Prefetch`: tokenizing releases the GIL), so building overlaps even a blocking metrics
+  read; with several processes they are built in the loop's thread. Either way hosts agree on shapes in
+  the loop's thread (a device collective, `agree_length`, which must not interleave with the step's
+  collectives from another thread): ReadWorkers does it in `next`, and Prefetch is not used then.
   """
 
-  def __init__(self, pipeline, mesh, flops_fn: Callable[[dict], float], depth: int = 2):
+  def __init__(self, pipeline, mesh, flops_fn: Callable[[dict], float], depth: int = 2, read_workers: int = 0):
     from data_pipelines.input_pipeline import Prefetch
+    from data_pipelines.read_workers import ReadWorkers
     self.mesh, self.flops_fn, self.depth = mesh, flops_fn, depth
-    self.source = Prefetch(pipeline, size=depth) if jax.process_count() == 1 else pipeline
+    if read_workers:
+      self.source = ReadWorkers(pipeline, read_workers, depth)
+    else:
+      self.source = Prefetch(pipeline, size=depth) if jax.process_count() == 1 else pipeline
     self.queue: collections.deque[FeedItem] = collections.deque()
     for _ in range(depth):
       self.fill()

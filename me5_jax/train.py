@@ -180,7 +180,7 @@ def train_and_evaluate(config, workdir: str) -> None:
   feed = None
   try:
     feed = inputs.DeviceFeed(pipeline, mesh, lambda b: batch_flops(b, enc_cfg, jax.process_count()),
-                             depth=config.prefetch_batches)
+                             depth=config.prefetch_batches, read_workers=config.read_workers)
     step = start_step
     log.info("training steps %d → %d, global batch %d, at most %d step(s) in flight", start_step,
              config.total_steps, config.batch_size, in_flight.limit)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from data_pipelines.batch import slots_per_row
-from data_pipelines.preprocess import pack_texts, pack_token_rows
+from data_pipelines.preprocess import agree_shapes, pack_texts, pack_token_rows
 from me5_jax import encoder as enc
 from me5_jax.variants import get_variant
 
@@ -25,9 +25,13 @@ def test_pack_texts_places_every_text_once_within_capacity():
 
 def test_pack_token_rows_layout_and_slots():
   rows = [[5, 6, 7], [8], [9, 10], [11, 12, 13, 14]]
-  ids, segments, slots = pack_token_rows(rows, 8, pad_id=1, row_multiple=4, process_index=2,
-                                         agree_rows=lambda n: n + 4)
-  assert ids.shape == segments.shape == (8, 8)  # 2 rows needed → 4 (multiple) → 8 (agreed)
+  ids, segments, slots = pack_token_rows(rows, 8, pad_id=1, row_multiple=4, process_index=2)
+  assert ids.shape == (4, 8)  # 2 rows needed → 4 (multiple)
+  batch = agree_shapes({"packed_ids": ids, "packed_segments": segments, "query_slots": slots[:2],
+                        "passage_slots": slots[2:]}, lambda kind, n: n + 4, 2, pad_id=1)
+  ids, segments, slots = (batch["packed_ids"], batch["packed_segments"],
+                          np.concatenate([batch["query_slots"], batch["passage_slots"]]))
+  assert ids.shape == segments.shape == (8, 8)  # → 8 (agreed)
   num_slots = slots_per_row(8)
   for t, row in enumerate(rows):
     r, s = divmod(int(slots[t]), num_slots)

@@ -154,6 +154,15 @@ def assert_same_params(got, want, atol=0.0):
       assert np.array_equal(got[k], want[k]), f"{k} differs (max |Δ| {np.abs(got[k] - want[k]).max():.3g})"
 
 
+def alive(pid: int) -> bool:
+  """Whether process `pid` runs (an exited one not yet reaped by its new parent is a zombie: not alive)."""
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+  except FileNotFoundError:
+    return False
+
+
 def resumed_step(output: str) -> int:
   found = re.findall(r"resumed from \S+ at step (\d+)", output)
   assert found, f"the run did not resume:\n{output[-3000:]}"
@@ -219,16 +228,22 @@ def test_train_and_evaluate_in_process_with_a_profile_matches_the_cli_run(refere
 
 def test_sigkill_and_restart_match_the_uninterrupted_run_bitwise(reference, tiny, tmp_path):
   """Killed as the save of a random checkpoint step starts (that save, maybe an older one too, is in
-  flight), once at least one checkpoint is complete; then restarted."""
+  flight), once at least one checkpoint is complete; then restarted. The killed run reads with 2 worker
+  processes (which must not outlive it), the restarted one with 1, the reference with none."""
   workdir, kill_at = str(tmp_path / "run"), random.choice(range(2 * EVERY, TOTAL - 1, EVERY))
-  run = Run(train_cmd(tiny, workdir), tmp_path / "killed.log")
+  run = Run(train_cmd(tiny, workdir, "--config.read_workers=2"), tmp_path / "killed.log")
   run.wait_for_step(workdir, kill_at, saved=True)
   run.proc.send_signal(signal.SIGKILL)
   assert run.wait() == -signal.SIGKILL
   saved = checkpoint_steps(workdir)  # complete ones; an interrupted save leaves a *.orbax-checkpoint-tmp folder
   assert saved and max(saved) < TOTAL and not os.path.exists(os.path.join(workdir, "export")), saved
+  pids = re.findall(r"2 read worker processes \(pids (\d+) (\d+)\)", run.output())[0]
+  deadline = time.time() + 10
+  while any(alive(int(p)) for p in pids) and time.time() < deadline:  # they notice within read_workers.POLL_S
+    time.sleep(0.2)
+  assert not any(alive(int(p)) for p in pids), f"read workers {pids} outlived the killed trainer"
 
-  out = train(tiny, workdir)
+  out = train(tiny, workdir, "--config.read_workers=1")
   assert resumed_step(out) == max(saved), (saved, kill_at)
   assert_same_params(exported(workdir), exported(reference))
   with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
@@ -325,13 +340,15 @@ def free_port() -> int:
 
 
 def test_two_processes_train_resume_and_match_one_process(reference, tiny, tmp_path):
-  """2 processes × 4 devices on loopback: preempted (SIGTERM to both), restarted, finished."""
+  """2 processes × 4 devices on loopback, each with 2 read workers: preempted (SIGTERM to both),
+  restarted, finished."""
   workdir = str(tmp_path / "run")
 
-  def start(tag):
+  def start(tag):  # each process reads with 2 worker processes
     port = free_port()
     return [Run(train_cmd(tiny, workdir, f"--coordinator=127.0.0.1:{port}", "--num_processes=2",
-                          f"--process_id={i}"), tmp_path / f"{tag}{i}.log", devices=4) for i in range(2)]
+                          f"--process_id={i}", "--config.read_workers=2"), tmp_path / f"{tag}{i}.log", devices=4)
+            for i in range(2)]
 
   runs = start("first")
   runs[0].wait_for_step(workdir, EVERY + 1)
