@@ -229,7 +229,36 @@ def _uses_ids(name: str, source, cfg: PreprocessConfig, tokenizer: Tokenizer, fi
   return True
 
 
-class Prefetch:
+class BatchesAhead:
+  """What builds batches ahead of the step (Prefetch, read_workers.ReadWorkers) shares: the iterator and
+  context-manager protocol, and get_state / bad_records / epochs of the batches handed out so far (not
+  the ones built ahead), so that a checkpoint taken between steps resumes exactly. `_report` holds them."""
+  _report: tuple[dict, dict, dict]
+
+  def __iter__(self):
+    return self
+
+  def get_state(self) -> dict:
+    return self._report[0]
+
+  @property
+  def bad_records(self) -> dict[str, dict[str, int]]:
+    return self._report[1]
+
+  def epochs(self) -> dict[str, float]:
+    return self._report[2]
+
+  def close(self) -> None:
+    raise NotImplementedError
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+class Prefetch(BatchesAhead):
   """Builds the next `size` batches in a background thread while the step runs (the tokenizer releases the
   GIL). get_state / bad_records / epochs describe the batches handed out so far, not the buffered ones, so a
   checkpoint taken between steps resumes exactly. Restore state into the InputPipeline before wrapping it.
@@ -265,9 +294,6 @@ class Prefetch:
       except queue.Full:
         continue
 
-  def __iter__(self) -> "Prefetch":
-    return self
-
   def __next__(self) -> dict:
     if self._error is None:
       item, report = self._get()
@@ -287,25 +313,9 @@ class Prefetch:
         if not self._thread.is_alive() and self._queue.empty():
           return RuntimeError("the input pipeline thread stopped without handing over a batch"), None
 
-  def get_state(self) -> dict:
-    return self._report[0]
-
-  @property
-  def bad_records(self) -> dict[str, dict[str, int]]:
-    return self._report[1]
-
-  def epochs(self) -> dict[str, float]:
-    return self._report[2]
-
   def close(self, timeout_s: float = 60.0) -> None:
     """Stops the thread; it finishes the batch it is building first (a daemon: never blocks exit)."""
     self._stop.set()
     self._thread.join(timeout_s)
     if self._thread.is_alive():
       log.warning("input pipeline thread still building a batch after %.0f s; not waiting for it", timeout_s)
-
-  def __enter__(self) -> "Prefetch":
-    return self
-
-  def __exit__(self, *exc) -> None:
-    self.close()

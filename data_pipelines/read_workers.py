@@ -26,7 +26,7 @@ import queue
 import time
 import traceback
 
-from data_pipelines.input_pipeline import InputPipeline
+from data_pipelines.input_pipeline import BatchesAhead, InputPipeline
 
 log = logging.getLogger(__name__)
 POLL_S = 1.0  # how often a wait for a batch checks that the workers are alive
@@ -52,7 +52,7 @@ def _work(pipeline: InputPipeline, tasks, results) -> None:
       results.put((number, None, None, traceback.format_exc()))
 
 
-class ReadWorkers:
+class ReadWorkers(BatchesAhead):
   """`num_workers` processes building the pipeline's batches, up to `depth` per worker ahead of the step.
   Restore state into the InputPipeline before wrapping it."""
 
@@ -98,9 +98,6 @@ class ReadWorkers:
       self._done[got[0]] = got[1:]
     return self._done.pop(number)
 
-  def __iter__(self) -> "ReadWorkers":
-    return self
-
   def __next__(self) -> dict:
     if self._error is not None:
       raise self._error
@@ -116,16 +113,6 @@ class ReadWorkers:
     batch = self.pipeline.finish(batch, bad)
     self._report = (state, self.pipeline.bad_records, epochs)
     return batch
-
-  def get_state(self) -> dict:
-    return self._report[0]
-
-  @property
-  def bad_records(self) -> dict[str, dict[str, int]]:
-    return self._report[1]
-
-  def epochs(self) -> dict[str, float]:
-    return self._report[2]
 
   def close(self, timeout_s: float = 30.0) -> None:
     """Stops the workers (each finishes the batch it is building, whose result is dropped: a worker
@@ -145,9 +132,3 @@ class ReadWorkers:
       worker.join(5)
     self._tasks.cancel_join_thread()
     self._results.cancel_join_thread()
-
-  def __enter__(self) -> "ReadWorkers":
-    return self
-
-  def __exit__(self, *exc) -> None:
-    self.close()
