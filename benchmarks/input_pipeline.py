@@ -9,8 +9,11 @@ wall-clock numbers are shown too (they suffer on a shared machine). With --preto
 built with the token ids stored (`build --tokenizer`, implies --tfds) and the pipeline reads those instead of
 tokenizing; the peer still tokenizes (it is what the ids replace).
 
+With --read-workers N..., the pipeline is also timed with N worker processes building the batches
+(data_pipelines.read_workers); its CPU time is then that of every process, its wall time shows the scaling.
+
   python benchmarks/input_pipeline.py [--tokenizer DIR] [--tsv bible_pd.tsv] [--tfds | --pretokenized]
-                                      [--batch 512]
+                                      [--batch 512] [--read-workers 1 2]
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ from data_pipelines import pretokenized  # noqa: E402
 from data_pipelines.input_pipeline import InputPipeline  # noqa: E402
 from data_pipelines.mixture import MixtureConfig, MixtureSampler  # noqa: E402
 from data_pipelines.preprocess import PreprocessConfig  # noqa: E402
+from data_pipelines.read_workers import ReadWorkers  # noqa: E402
 from me5_jax import fetch  # noqa: E402
 from me5_jax.tokenize import Tokenizer  # noqa: E402
 
@@ -73,12 +77,21 @@ def tfds_sources(records: dict[str, list[dict]], data_dir: str, tokenizer_dir: s
   return {name: open_source(data_dir, name) for name in records}
 
 
-def timed(fn, batches: int) -> tuple[float, float]:
-  """(wall seconds, CPU seconds of this process) for `batches` calls of fn."""
-  wall, cpu = time.perf_counter(), time.process_time()
+def cpu_seconds(pids=()) -> float:
+  """CPU seconds used so far by this process and the processes `pids` (from /proc: user + system)."""
+  ticks = 0
+  for pid in pids:
+    with open(f"/proc/{pid}/stat") as f:
+      ticks += sum(int(x) for x in f.read().rsplit(")", 1)[1].split()[11:13])
+  return time.process_time() + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def timed(fn, batches: int, pids=()) -> tuple[float, float]:
+  """(wall seconds, CPU seconds of this process and `pids`) for `batches` calls of fn."""
+  wall, cpu = time.perf_counter(), cpu_seconds(pids)
   for _ in range(batches):
     fn()
-  return time.perf_counter() - wall, time.process_time() - cpu
+  return time.perf_counter() - wall, cpu_seconds(pids) - cpu
 
 
 def peer_texts(sources, mixture: MixtureConfig, prep: PreprocessConfig, batches: int):
@@ -93,8 +106,9 @@ def peer_texts(sources, mixture: MixtureConfig, prep: PreprocessConfig, batches:
   return out
 
 
-def run(args, passage_verses: int, tmp: str) -> tuple[tuple[float, float], tuple[float, float]]:
-  """(wall, CPU) seconds of our pipeline and of the peer over the same batches."""
+def run(args, passage_verses: int, tmp: str) -> tuple[dict[int, tuple[float, float]], tuple[float, float]]:
+  """({read workers: (wall, CPU) seconds} of our pipeline, (wall, CPU) of the peer) over the same batches;
+  0 read workers: built in this process."""
   records = memory_sources(args.tsv, passage_verses)
   mixture = MixtureConfig(global_batch_size=args.batch, seed=0)
   prep = PreprocessConfig(max_query_length=args.max_length, max_passage_length=args.max_length)
@@ -108,7 +122,13 @@ def run(args, passage_verses: int, tmp: str) -> tuple[tuple[float, float], tuple
   start = pipe.get_state()
   next(pipe)  # warm-up: first reads, allocations; then back to the start
   pipe.set_state(start)
-  ours = timed(lambda: next(pipe), args.batches)
+  ours = {0: timed(lambda: next(pipe), args.batches)}
+  for workers in args.read_workers:
+    pipe.set_state(start)
+    with ReadWorkers(pipe, workers) as ahead:
+      for _ in range(4 * workers):  # warm-up: every worker started (imports) and built batches
+        next(ahead)
+      ours[workers] = timed(lambda: next(ahead), args.batches, [w.pid for w in ahead._workers])
 
   texts = iter(peer_texts(sources, mixture, prep, args.batches))  # TFDS order differs from the lists
   hf = tokenizers.Tokenizer.from_file(os.path.join(args.tokenizer, "tokenizer.json"))
@@ -135,6 +155,8 @@ def main() -> None:
   ap.add_argument("--max-length", type=int, default=128)
   ap.add_argument("--passage-verses", type=int, nargs="+", default=[1, 10],
                   help="verses per passage, one table row pair each")
+  ap.add_argument("--read-workers", type=int, nargs="*", default=[],
+                  help="also time the pipeline with these numbers of read worker processes (CPU time: all processes)")
   args = ap.parse_args()
   args.tfds = args.tfds or args.pretokenized
   args.tokenizer = args.tokenizer or fetch.fetch("me5-small-q4")
@@ -148,15 +170,17 @@ def main() -> None:
         f"max length {args.max_length}, batch {args.batch}, "
         f"sources {'TFDS array_record' + (' with token ids' if args.pretokenized else '') if args.tfds else 'in memory'}, "
         "1 tokenizer thread")
-  print("| passages | path | pairs/s per core (CPU time) | pairs/s (wall) | ratio to peer (per core) |")
-  print("|---|---|---|---|---|")
+  print("| passages | path | pairs/s per core (CPU time) | pairs/s (wall) | ratio to peer (per core) | wall ratio to 1 worker |")
+  print("|---|---|---|---|---|---|")
   with tempfile.TemporaryDirectory() as tmp:
     for verses in args.passage_verses:
       ours, peer = run(args, verses, tmp)
       path = "me5_jax InputPipeline" + (" (stored ids)" if args.pretokenized else "")
-      for name, (wall, cpu) in ((path, ours), ("HF tokenizers encode_batch loop", peer)):
+      rows = [(path + (f", {w} read worker{'s' * (w > 1)}" if w else ""), times, w) for w, times in ours.items()]
+      for name, (wall, cpu), workers in rows + [("HF tokenizers encode_batch loop", peer, None)]:
+        scaling = f"{ours[1][0] / wall:.2f}" if workers and 1 in ours else ""
         print(f"| {verses} verse{'s' * (verses > 1)} | {name} | {pairs / cpu:,.0f} | {pairs / wall:,.0f} | "
-              f"{peer[1] / cpu:.2f} |", flush=True)
+              f"{peer[1] / cpu:.2f} | {scaling} |", flush=True)
 
 
 if __name__ == "__main__":

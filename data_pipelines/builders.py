@@ -36,7 +36,9 @@ PAIR_FEATURES = {"query": TEXT, "passage": TEXT, "lang": TEXT, "source": TEXT}
 STAGE2_FEATURES = {"query": TEXT, "positive": TEXT, "negatives": tfds.features.Sequence(TEXT),
                    "positive_score": np.float32, "negative_scores": tfds.features.Sequence(np.float32),
                    "task": TEXT}
-IDS = tfds.features.Tensor(shape=(None,), dtype=np.int32)
+# Token ids as one bytes value (int32, little-endian) rather than an int64_list: the read side turns it into
+# an array with one np.frombuffer instead of converting every id (data_pipelines.source).
+IDS = tfds.features.Tensor(shape=(None,), dtype=np.int32, encoding=tfds.features.Encoding.BYTES)
 
 
 class _ReportingBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):

@@ -60,15 +60,16 @@ class Pretokenizer:
   def __init__(self, tokenizer: Tokenizer):
     self.tokenizer = tokenizer
     empty = tokenizer.backend.encode("").ids  # the special tokens around nothing: head + tail
-    self.head, self.tail = empty[:_head_length(tokenizer)], empty[_head_length(tokenizer):]
-    self._prefix_ids: dict[str, list[int]] = {}  # a handful of prefixes (and instruct tasks) per run
+    head_length = _head_length(tokenizer)
+    self.head, self.tail = np.asarray(empty[:head_length], np.int32), np.asarray(empty[head_length:], np.int32)
+    self._prefix_ids: dict[str, np.ndarray] = {}  # a handful of prefixes (and instruct tasks) per run
 
   def check_word_by_word(self) -> None:
     """Raises ValueError unless stored ids + a prefix give this tokenizer's own ids on a few probe texts (a
     byte-level BPE, for one, marks a word's leading space inside its first token, so they would not)."""
     for prefix in ("query: ", "passage: "):
       for text in PROBES:
-        if self.row(prefix, self.text_ids([text], 512)[0], 512) != self.tokenizer.token_ids([prefix + text], 512)[0]:
+        if self.row(prefix, self.text_ids([text], 512)[0], 512).tolist() != self.tokenizer.token_ids([prefix + text], 512)[0]:
           raise ValueError(f"this tokenizer does not tokenize word by word ({prefix + text!r} differs from its "
                            "prefix and text tokenized apart): its ids cannot be stored at build time")
 
@@ -97,10 +98,11 @@ class Pretokenizer:
           example["negatives_lengths"] = np.asarray([len(r) for r in rows], np.int32)
       yield from chunk
 
-  def prefix_ids(self, prefix: str) -> list[int]:
+  def prefix_ids(self, prefix: str) -> np.ndarray:
     if prefix not in self._prefix_ids:
       check_prefix(prefix)
-      self._prefix_ids[prefix] = self.tokenizer.backend.encode(prefix, add_special_tokens=False).ids
+      self._prefix_ids[prefix] = np.asarray(self.tokenizer.backend.encode(prefix, add_special_tokens=False).ids,
+                                            np.int32)
     return self._prefix_ids[prefix]
 
   def check_max_length(self, max_length: int, max_tokens: int, what: str = "max length") -> None:
@@ -110,12 +112,13 @@ class Pretokenizer:
       raise ValueError(f"{what} {max_length} needs up to {max_length - len(self.head) - len(self.tail)} ids per "
                        f"text, but the dataset stores at most {max_tokens} (rebuild with a larger --max-tokens)")
 
-  def row(self, prefix: str, ids: Sequence[int], max_length: int) -> list[int]:
-    """The ids of `prefix + text` with special tokens, truncated to `max_length` as the tokenizer does
-    (exact when `ids` were stored with max_tokens ≥ max_length - specials: `check_max_length`)."""
-    room = max_length - len(self.head) - len(self.tail)
-    content = self.prefix_ids(prefix) + list(ids)
-    return self.head + content[:max(room, 0)] + self.tail
+  def row(self, prefix: str, ids: Sequence[int], max_length: int) -> np.ndarray:
+    """The ids of `prefix + text` with special tokens (int32), truncated to `max_length` as the tokenizer
+    does (exact when `ids` were stored with max_tokens ≥ max_length - specials: `check_max_length`)."""
+    room = max(max_length - len(self.head) - len(self.tail), 0)
+    prefix_ids = self.prefix_ids(prefix)
+    return np.concatenate([self.head, prefix_ids[:room], np.asarray(ids, np.int32)[:room - len(prefix_ids[:room])],
+                           self.tail], dtype=np.int32)
 
 
 def _head_length(tokenizer: Tokenizer) -> int:

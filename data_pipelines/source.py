@@ -3,7 +3,7 @@
 The training path runs where TensorFlow is absent (the GPU machine), so this module reads the array_record
 files through `tfds.builder_from_directory(...).as_data_source` and parses each record's tf.Example bytes
 with tensorflow_datasets' own proto module: no TensorFlow anywhere. Records come back as the builders' schemas (see records.py) with Python types: str for
-text (TFDS returns bytes), float for scores, lists for sequences. Order is TFDS's (shuffled at write time).
+text (TFDS returns bytes), float for scores, lists for sequences; stored token ids as int32 arrays. Order is TFDS's (shuffled at write time).
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ DATASETS = {name: ("me5_pairs", name) for name in (
     "wikipedia", "mc4", "cc_news", "nllb", "reddit", "s2orc", "stackexchange", "xp3", "sbert", "custom")}
 DATASETS.update({"stage2": ("me5_stage2", None), "bible": ("me5_bible", "pd"), "bible/demo": ("me5_bible", "demo")})
 VERSION = "1.0.0"
+INT32_BYTES = "int32_bytes"  # a field kind of Source: an int32 tensor serialized as one bytes value
 
 
 def dataset_path(data_dir: str, name: str) -> str:
@@ -49,6 +50,9 @@ class Source:
     feature = tf_example_pb2.Example.FromString(raw).features.feature
     record = {}
     for key, (kind, scalar) in self._fields.items():
+      if kind == INT32_BYTES:
+        record[key] = np.frombuffer(feature[key].bytes_list.value[0], "<i4")
+        continue
       values = getattr(feature[key], kind).value
       if kind == "bytes_list":
         values = [v.decode("utf-8") for v in values]
@@ -70,10 +74,15 @@ class Source:
 
 
 def _proto_fields(builder) -> dict[str, tuple[str, bool]]:
-  """feature → (tf.Example list kind, scalar?) from the dataset's features.json (flat schemas only)."""
+  """feature → (tf.Example list kind, scalar?) from the dataset's features.json (flat schemas only); an
+  int32 tensor stored as bytes (builders.IDS) is INT32_BYTES, read back as an int32 array."""
   fields = {}
+  serialized = builder.info.features.get_serialized_info()
   for key, info in builder.info.features.get_tensor_info().items():
     dtype = np.dtype(info.np_dtype)
+    if dtype == np.int32 and np.dtype(serialized[key].np_dtype) == object:
+      fields[key] = (INT32_BYTES, False)
+      continue
     kind = ("bytes_list" if dtype == object else "float_list" if np.issubdtype(dtype, np.floating)
             else "int64_list")
     if len(info.shape) > 1:

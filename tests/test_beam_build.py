@@ -9,6 +9,7 @@ import random
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from data_pipelines import builders, readers, records
@@ -78,7 +79,7 @@ def test_stage2_with_token_ids_in_many_spans(tmp_path):
                                                                   "empty_text", "bad_score"}
   got = read_all(tmp_path / "beam", "stage2")[1]
   want = read_all(tmp_path / "one", "stage2")[1]
-  assert json.dumps(got, default=str) == json.dumps(want, default=str)
+  assert json.dumps(got, default=np.ndarray.tolist) == json.dumps(want, default=np.ndarray.tolist)
   assert all(len(r["negatives_lengths"]) == len(r["negatives"]) for r in got)
 
 

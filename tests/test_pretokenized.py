@@ -32,7 +32,7 @@ def test_stored_ids_plus_prefix_equal_direct_tokenization(tokenizer, bible_tsv, 
   stored = pre.text_ids(texts, max_tokens=512)
   for prefix in PREFIXES:
     want = tokenizer.token_ids([prefix + t for t in texts], max_length)
-    got = [pre.row(prefix, ids, max_length) for ids in stored]
+    got = [pre.row(prefix, ids, max_length).tolist() for ids in stored]
     mismatched = [(t, g, w) for t, g, w in zip(texts, got, want) if g != w]
     assert not mismatched, (prefix, mismatched[:3])
   assert max(len(ids) for ids in stored) == 512  # the long texts were cut to the stored maximum
