@@ -13,7 +13,7 @@ With --read-workers N..., the pipeline is also timed with N worker processes bui
 (data_pipelines.read_workers); its CPU time is then that of every process, its wall time shows the scaling.
 
   python benchmarks/input_pipeline.py [--tokenizer DIR] [--tsv bible_pd.tsv] [--tfds | --pretokenized]
-                                      [--batch 512] [--read-workers 1 2]
+                                      [--batch 512] [--pack] [--read-workers 1 2]
 """
 from __future__ import annotations
 
@@ -111,7 +111,7 @@ def run(args, passage_verses: int, tmp: str) -> tuple[dict[int, tuple[float, flo
   0 read workers: built in this process."""
   records = memory_sources(args.tsv, passage_verses)
   mixture = MixtureConfig(global_batch_size=args.batch, seed=0)
-  prep = PreprocessConfig(max_query_length=args.max_length, max_passage_length=args.max_length)
+  prep = PreprocessConfig(max_query_length=args.max_length, max_passage_length=args.max_length, pack_rows=args.pack)
   sources = records
   if args.tfds:
     sources = tfds_sources(records, os.path.join(tmp, str(passage_verses)),
@@ -155,6 +155,7 @@ def main() -> None:
   ap.add_argument("--max-length", type=int, default=128)
   ap.add_argument("--passage-verses", type=int, nargs="+", default=[1, 10],
                   help="verses per passage, one table row pair each")
+  ap.add_argument("--pack", action="store_true", help="the packed layout (pack_sequences) instead of padded rows")
   ap.add_argument("--read-workers", type=int, nargs="*", default=[],
                   help="also time the pipeline with these numbers of read worker processes (CPU time: all processes)")
   args = ap.parse_args()
@@ -167,7 +168,7 @@ def main() -> None:
 
   pairs = args.batch * args.batches
   print(f"read → mix → tokenize → batch: {pairs} Bible pairs per row ({', '.join(SOURCES)} → en), "
-        f"max length {args.max_length}, batch {args.batch}, "
+        f"max length {args.max_length}, {'packed' if args.pack else 'padded'}, batch {args.batch}, "
         f"sources {'TFDS array_record' + (' with token ids' if args.pretokenized else '') if args.tfds else 'in memory'}, "
         "1 tokenizer thread")
   print("| passages | path | pairs/s per core (CPU time) | pairs/s (wall) | ratio to peer (per core) | wall ratio to 1 worker |")

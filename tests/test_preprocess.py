@@ -203,7 +203,8 @@ def test_the_read_path_imports_no_jax():
   """DESIGN.md "Dependency direction": data_pipelines' read path needs no accelerator runtime."""
   import subprocess
   import sys
-  code = ("import sys, data_pipelines.input_pipeline, data_pipelines.records, data_pipelines.batch; "
+  code = ("import sys, data_pipelines.input_pipeline, data_pipelines.read_workers, data_pipelines.records, "
+          "data_pipelines.batch; "
           "print(sorted(m for m in ('jax', 'flax', 'optax') if m in sys.modules))")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
   assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-2000:]
