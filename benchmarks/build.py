@@ -5,8 +5,10 @@ The input is stage-1 pairs from bible_pd.tsv (verse i in one of 6 languages → 
 written as JSONL files (several, as a real source arrives in shards), with 1 % damaged lines; each build
 stores the token ids too (`--tokenizer`, the XLM-R tokenizer of me5-small-q4), as a pod-scale build would.
 Wall time includes everything the command does (workers' start, the line-counting pass, TFDS's shuffle
-and write). The projection divides 1e9 by N times the measured per-worker rate (2 workers' rate / 2): a
-lower bound on hours, since a cluster adds its own start-up and shuffle costs.
+and write); CPU time is split between this process (for Beam: the runner, which also moves data between
+stages) and the worker processes. The projection divides 1e9 by N worker vCPUs times the records per
+worker CPU-second of the largest run: a cluster adds its own start-up, and its shuffle service replaces
+the runner's part.
 
   python benchmarks/build.py [--records 200000] [--files 4] [--passage-verses 3] [--workers 1 2]
 """
@@ -17,6 +19,7 @@ import csv
 import json
 import os
 import random
+import resource
 import sys
 import tempfile
 import time
@@ -28,6 +31,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from me5_jax import fetch  # noqa: E402
 
 LANGS = ["de:e", "fr:l", "es:v", "it:d", "pt:a", "ru:r"]
+
+
+def cpu(who: int) -> float:
+  usage = resource.getrusage(who)
+  return usage.ru_utime + usage.ru_stime
 
 
 def write_inputs(tsv: str, out_dir: str, records: int, files: int, passage_verses: int) -> list[str]:
@@ -59,7 +67,7 @@ def main() -> None:
   ap.add_argument("--passage-verses", type=int, default=3)
   ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
   ap.add_argument("--tokenizer", default=None, help="tokenizer folder (default: me5-small-q4 from me5_jax.fetch)")
-  ap.add_argument("--dataflow-workers", type=int, nargs="+", default=[100, 1000])
+  ap.add_argument("--dataflow-workers", type=int, nargs="+", default=[100, 1000], help="worker vCPUs to project for")
   args = ap.parse_args()
   tokenizer = args.tokenizer or fetch.fetch("me5-small-q4")
   from data_pipelines import builders  # TFDS import after argument errors
@@ -69,26 +77,27 @@ def main() -> None:
     size = sum(os.path.getsize(p) for p in files)
     print(f"build: {args.records:,} stage-1 pairs ({size / 2**20:.0f} MiB JSONL in {args.files} files, 1 % damaged), "
           f"token ids stored (XLM-R), {os.cpu_count()} cores")
-    print("| build | wall s | records/s | per worker |")
-    print("|---|---|---|---|")
-    runs = [("one process", None, 1)] + [(f"Beam DirectRunner, {w} worker{'s' * (w > 1)}", w, w) for w in args.workers]
-    per_worker = {}
-    reports = []
-    for i, (name, workers, count) in enumerate(runs):
+    print("| build | wall s | records/s | CPU s: this process | CPU s: workers | records per worker CPU-second |")
+    print("|---|---|---|---|---|---|")
+    runs = [("one process", None)] + [(f"Beam DirectRunner, {w} worker{'s' * (w > 1)}", w) for w in args.workers]
+    per_worker_cpu, reports = {}, []
+    for i, (name, workers) in enumerate(runs):
       options = (f"--direct_num_workers={workers} --direct_running_mode=multi_processing" if workers else None)
-      start = time.perf_counter()
+      start, own, children = time.perf_counter(), cpu(resource.RUSAGE_SELF), cpu(resource.RUSAGE_CHILDREN)
       report = builders.build("custom", os.path.join(tmp, f"data{i}"), files, tokenizer_dir=tokenizer,
                               beam_runner="DirectRunner" if workers else None, beam_options=options)
       wall = time.perf_counter() - start
+      own, children = cpu(resource.RUSAGE_SELF) - own, cpu(resource.RUSAGE_CHILDREN) - children  # workers: reaped
       reports.append({k: v for k, v in report.items() if k != "path"})
-      rate = report["valid"] / wall
-      per_worker[workers] = rate / count
-      print(f"| {name} | {wall:.1f} | {rate:,.0f} | {rate / count:,.0f} |", flush=True)
+      per_worker_cpu[workers] = report["valid"] / (children if workers else own)
+      print(f"| {name} | {wall:.1f} | {report['valid'] / wall:,.0f} | {own:.1f} | {children:.1f} | "
+            f"{per_worker_cpu[workers]:,.0f} |", flush=True)
     assert all(r == reports[0] for r in reports), "a build's report differs from the one-process build's"
-  rate = per_worker[max(args.workers)]
-  print(f"\nprojection for 1e9 pairs at {rate:,.0f} records/s per worker (the {max(args.workers)}-worker run):")
+  rate = per_worker_cpu[max(args.workers)]
+  print(f"\nprojection for 1e9 pairs at {rate:,.0f} records per worker CPU-second (the {max(args.workers)}-worker "
+        "run), workers busy all the time:")
   for n in args.dataflow_workers:
-    print(f"  {n} workers: {1e9 / (n * rate) / 3600:.1f} h")
+    print(f"  {n} worker vCPUs: {1e9 / (n * rate) / 3600:.1f} h")
 
 
 if __name__ == "__main__":
