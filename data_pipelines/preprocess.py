@@ -39,17 +39,20 @@ def pick_bucket(n: int, buckets: Sequence[int]) -> int:
 def pack_texts(lengths: Sequence[int], row_length: int, max_segments: int) -> list[list[int]]:
   """First-fit decreasing: rows of text indices, each row's lengths summing to ≤ row_length, ≤ max_segments
   texts per row. Longest texts first, ties by index, so the layout is a function of the lengths alone."""
+  lengths_T = np.asarray(lengths, np.int64).reshape(-1)
+  if lengths_T.size and lengths_T.max() > row_length:
+    raise ValueError(f"a text of {lengths_T.max()} tokens does not fit packed rows of {row_length}")
   rows: list[list[int]] = []
-  free: list[int] = []
-  for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-    if lengths[i] > row_length:
-      raise ValueError(f"a text of {lengths[i]} tokens does not fit packed rows of {row_length}")
-    r = next((r for r, f in enumerate(free) if f >= lengths[i] and len(rows[r]) < max_segments), len(rows))
-    if r == len(rows):
+  room_R = np.full(len(lengths_T), -1, np.int64)  # a row's free tokens; -1 once it holds max_segments texts
+  for i in np.lexsort((np.arange(len(lengths_T)), -lengths_T)).tolist():
+    n = lengths_T[i]
+    r = int(np.argmax(room_R[:len(rows) + 1] >= n)) if rows else 0  # the first row it fits, or the next one
+    if r == len(rows) or room_R[r] < n:
+      r = len(rows)
       rows.append([])
-      free.append(row_length)
+      room_R[r] = row_length
     rows[r].append(i)
-    free[r] -= lengths[i]
+    room_R[r] = room_R[r] - n if len(rows[r]) < max_segments else -1
   return rows
 
 
