@@ -15,4 +15,4 @@ if ! python -m me5_jax.fetch >/dev/null; then
   fi
   echo "[tests] real assets could not be fetched (above): the tests that need them will skip" >&2
 fi
-exec python -m pytest -q --durations=20 "$@"
+exec python -m pytest -q -n auto --dist loadfile --durations=20 "$@"
