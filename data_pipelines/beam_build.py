@@ -52,14 +52,9 @@ def strict_error(error: BaseException) -> records.BadRecordError | None:
   return None
 
 
-def _whole(path: str) -> bool:
-  return readers.file_format(path) == "parquet"  # read whole, row numbers counted by the reader
-
-
 def _line_count(work: tuple[int, readers.Span], files: Sequence[str]) -> tuple[tuple[int, int], int]:
   file_index, span = work
-  path = files[file_index]
-  return (file_index, span.start), 0 if _whole(path) else readers.lines_in(path, span)
+  return (file_index, span.start), readers.lines_in(files[file_index], span)
 
 
 def _first_lines(counts: list[tuple[tuple[int, int], int]]) -> dict[tuple[int, int], int]:
@@ -89,7 +84,7 @@ class _ReadSpan(beam.DoFn):
   def process(self, item: tuple[int, readers.Span], first_lines: dict[tuple[int, int], int]):
     file_index, span = item
     path = self.files[file_index]
-    span = None if _whole(path) else readers.Span(span.start, span.end, first_lines[(file_index, span.start)])
+    span = readers.Span(span.start, span.end, first_lines[(file_index, span.start)])
     report = records.BuildReport(self.strict, self.files)
     examples = records.validated_span(file_index, path, span, self.parse, report)
     if self.pretokenizer is not None:

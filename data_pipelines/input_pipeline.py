@@ -233,10 +233,15 @@ class BatchesAhead:
   """What builds batches ahead of the step (Prefetch, read_workers.ReadWorkers) shares: the iterator and
   context-manager protocol, and get_state / bad_records / epochs of the batches handed out so far (not
   the ones built ahead), so that a checkpoint taken between steps resumes exactly. `_report` holds them."""
+  pipeline: InputPipeline
   _report: tuple[dict, dict, dict]
 
   def __iter__(self):
     return self
+
+  def _snapshot(self) -> tuple[dict, dict, dict]:
+    """The pipeline's state, skipped records and epochs now, for `_report`."""
+    return self.pipeline.get_state(), self.pipeline.bad_records, self.pipeline.epochs()
 
   def get_state(self) -> dict:
     return self._report[0]
@@ -274,9 +279,6 @@ class Prefetch(BatchesAhead):
     self._error: Exception | None = None
     self._thread = threading.Thread(target=self._produce, name="input_pipeline", daemon=True)
     self._thread.start()
-
-  def _snapshot(self) -> tuple[dict, dict, dict]:
-    return self.pipeline.get_state(), self.pipeline.bad_records, self.pipeline.epochs()
 
   def _produce(self) -> None:
     try:

@@ -116,9 +116,9 @@ class Pretokenizer:
     """The ids of `prefix + text` with special tokens (int32), truncated to `max_length` as the tokenizer
     does (exact when `ids` were stored with max_tokens ≥ max_length - specials: `check_max_length`)."""
     room = max(max_length - len(self.head) - len(self.tail), 0)
-    prefix_ids = self.prefix_ids(prefix)
-    return np.concatenate([self.head, prefix_ids[:room], np.asarray(ids, np.int32)[:room - len(prefix_ids[:room])],
-                           self.tail], dtype=np.int32)
+    prefix_ids = self.prefix_ids(prefix)[:room]
+    text_ids = np.asarray(ids, np.int32)[:room - len(prefix_ids)]
+    return np.concatenate([self.head, prefix_ids, text_ids, self.tail], dtype=np.int32)
 
 
 def _head_length(tokenizer: Tokenizer) -> int:

@@ -69,14 +69,11 @@ class ReadWorkers(BatchesAhead):
       worker.start()
     log.info("%d read worker processes (pids %s), %d batches ahead", num_workers,
              " ".join(str(w.pid) for w in self._workers), self._ahead)
-    self._planned = collections.deque()  # (number, state after it) of the plans sent, oldest first
+    self._planned = collections.deque()  # (number, state and epochs after it) of the plans sent, oldest first
     self._done: dict[int, tuple] = {}    # results that came before their turn
     self._sent = 0
     self._report = self._snapshot()
     self._error: Exception | None = None
-
-  def _snapshot(self) -> tuple[dict, dict, dict]:
-    return self.pipeline.get_state(), self.pipeline.bad_records, self.pipeline.epochs()
 
   def _send(self) -> None:
     while len(self._planned) < self._ahead:

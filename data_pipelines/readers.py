@@ -24,8 +24,9 @@ class InputError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class Span:
   """A part of a JSONL/TSV file that a worker reads alone: the lines that *start* at a byte offset in
-  [start, end). `first_line` is the file line number of its first line (data_pipelines.beam counts the
-  lines of the spans before it), so that rows keep their FILE:LINE. Parquet files are read whole."""
+  [start, end). `first_line` is the file line number of its first line (data_pipelines.beam_build counts
+  the lines of the spans before it), so that rows keep their FILE:LINE. A Parquet file is one span, read
+  whole, its rows numbered by the reader."""
   start: int
   end: int
   first_line: int = 1
@@ -92,10 +93,10 @@ def check_files(paths: Sequence[str], required: Sequence[Sequence[str]] = (), fm
 
 def read_rows(path: str, fmt: str | None = None, span: Span | None = None) -> Iterator[Row]:
   """The rows of `path`, read as `fmt` ("jsonl", "tsv", "parquet"; default: by its extension); with `span`,
-  only the rows of the lines starting in it (JSONL and TSV)."""
+  only the rows of the lines starting in it (JSONL and TSV; a Parquet file's one span is all of it)."""
   fmt = fmt or file_format(path)
   if fmt == "parquet":
-    if span is not None:
+    if span is not None and (span.start, span.end) != (0, os.path.getsize(path)):
       raise ValueError(f"{path}: Parquet files are read whole, not in spans")
     return _parquet_rows(path)
   return {"jsonl": _jsonl_rows, "tsv": _tsv_rows}[fmt](path, span or Span(0, os.path.getsize(path)))
@@ -110,9 +111,11 @@ def spans(path: str, span_bytes: int, fmt: str | None = None) -> list[Span]:
   return [Span(start, min(start + span_bytes, size)) for start in range(0, size, span_bytes)]
 
 
-def lines_in(path: str, span: Span, block_bytes: int = 1 << 24) -> int:
+def lines_in(path: str, span: Span, fmt: str | None = None, block_bytes: int = 1 << 24) -> int:
   """The number of lines (blank ones included) that start in `span`: a line starts at byte 0 and after
-  every newline."""
+  every newline. 0 for Parquet, whose rows the reader numbers itself."""
+  if (fmt or file_format(path)) == "parquet":
+    return 0
   count = int(span.start == 0)
   with open(path, "rb") as f:
     f.seek(max(span.start - 1, 0))

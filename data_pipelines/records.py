@@ -87,7 +87,7 @@ class BuildReport:
   Reports of disjoint parts of the same input merge (`merge`) into the report of reading it all in one
   pass: counts add up, and the kept locations (the first per file and reason, the first
   EXAMPLES_PER_REASON per reason) are the earliest ones in (file order, line) order, whichever part saw
-  them. That is how a Beam build's workers (data_pipelines.beam) report exactly what one process would.
+  them. That is how a Beam build's workers (data_pipelines.beam_build) report exactly what one process would.
   `files` gives the file order; files not in it rank after, in the order they were first seen.
   """
 

@@ -2,8 +2,9 @@
 
 The training path runs where TensorFlow is absent (the GPU machine), so this module reads the array_record
 files through `tfds.builder_from_directory(...).as_data_source` and parses each record's tf.Example bytes
-with tensorflow_datasets' own proto module: no TensorFlow anywhere. Records come back as the builders' schemas (see records.py) with Python types: str for
-text (TFDS returns bytes), float for scores, lists for sequences; stored token ids as int32 arrays. Order is TFDS's (shuffled at write time).
+with tensorflow_datasets' own proto module: no TensorFlow anywhere. Records come back as the builders'
+schemas (see records.py) with Python types: str for text (TFDS returns bytes), float for scores, lists for
+sequences; stored token ids as int32 arrays. Order is TFDS's (shuffled at write time).
 """
 from __future__ import annotations
 
