@@ -61,8 +61,8 @@ def hash_ids(ids_BxL: np.ndarray, mask_BxL: np.ndarray) -> np.ndarray:
     raise ValueError(f"hash_ids: ids {ids_BxL.shape} and mask {mask_BxL.shape} must have one shape [..., L]")
   rows_RxL = ids_BxL.reshape(-1, ids_BxL.shape[-1]).astype("<i4")
   keep_RxL = mask_BxL.reshape(rows_RxL.shape).astype(bool)
-  out_Rx2 = np.empty((rows_RxL.shape[0], 2), np.int32)
-  for r, (row_L, keep_L) in enumerate(zip(rows_RxL, keep_RxL)):
-    digest = hashlib.blake2b(row_L[keep_L].tobytes(), digest_size=8).digest()
-    out_Rx2[r] = np.frombuffer(digest, "<i4")
-  return out_Rx2.reshape(*ids_BxL.shape[:-1], 2)
+  data = memoryview(rows_RxL[keep_RxL].tobytes())  # every row's kept ids, row after row
+  ends_R = (np.cumsum(keep_RxL.sum(1)) * 4).tolist()
+  digests = b"".join(hashlib.blake2b(data[start:end], digest_size=8).digest()
+                     for start, end in zip([0] + ends_R[:-1], ends_R))
+  return np.frombuffer(digests, "<i4").reshape(*ids_BxL.shape[:-1], 2).copy()

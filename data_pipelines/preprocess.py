@@ -217,17 +217,22 @@ class Batcher:
     self.agree_length, self.process_index = agree_length, process_index
     self.pretokenizer = None  # made on the first pre-tokenized text
 
-  def _token_rows(self, items: list[Text], max_length: int) -> list[list[int]]:
-    rows: list = [None] * len(items)
-    at = [i for i, item in enumerate(items) if isinstance(item, str)]
-    for i, r in zip(at, self._tokenized([items[i] for i in at], max_length)):
-      rows[i] = r
-    if len(at) < len(items):
-      pre = self._pretokenizer()
-      for i, item in enumerate(items):
-        if rows[i] is None:
-          rows[i] = pre.row(*item, max_length)
-    return rows
+  def _token_rows(self, items: list[Text], max_length: int):
+    """Every item's row, padded to max_length: (ids_NxL, mask_NxL) int32. Texts are tokenized; (prefix, ids)
+    items only get their prefix and special tokens, a whole batch at a time (Pretokenizer.pad)."""
+    texts = [i for i, item in enumerate(items) if isinstance(item, str)]
+    if len(texts) == len(items):
+      return self.tokenizer.pad(self._tokenized(items, max_length), max_length)
+    if not texts:
+      return self._pretokenizer().pad(items, max_length)
+    stored = [i for i, item in enumerate(items) if not isinstance(item, str)]
+    stored_rows = self._pretokenizer().pad([items[i] for i in stored], max_length)
+    ids_NxL = np.empty((len(items), stored_rows[0].shape[1]), np.int32)
+    mask_NxL = np.empty_like(ids_NxL)
+    text_rows = self.tokenizer.pad(self._tokenized([items[i] for i in texts], max_length), ids_NxL.shape[1])
+    for at, (ids, mask) in ((texts, text_rows), (stored, stored_rows)):
+      ids_NxL[at], mask_NxL[at] = ids, mask
+    return ids_NxL, mask_NxL
 
   def _pretokenizer(self):
     if self.pretokenizer is None:
@@ -245,9 +250,10 @@ class Batcher:
       rows[i] = r
     return rows
 
-  def _tokenize(self, texts: list[str], max_length: int, buckets: Sequence[int]):
-    rows = self._token_rows(texts, max_length)
-    return self.tokenizer.pad(rows, pick_bucket(max(len(r) for r in rows), buckets))
+  def _tokenize(self, texts: list[Text], max_length: int, buckets: Sequence[int]):
+    ids_NxL, mask_NxL = self._token_rows(texts, max_length)
+    length = pick_bucket(int(mask_NxL.sum(1).max(initial=1)), buckets)
+    return np.ascontiguousarray(ids_NxL[:, :length]), np.ascontiguousarray(mask_NxL[:, :length])
 
   def __call__(self, queries: list[Text], passages: list[Text], teacher_BxG: np.ndarray | None = None):
     """queries: B texts; passages: B·G texts, row-major (row i's group is passages[i·G:(i+1)·G])."""
@@ -273,10 +279,14 @@ class Batcher:
 
   def _packed(self, queries: list[Text], passages: list[Text], teacher_BxG: np.ndarray | None) -> dict:
     cfg, b, g = self.cfg, len(queries), self.cfg.group_size
-    rows = self._token_rows(queries, cfg.max_query_length) + self._token_rows(passages, cfg.max_passage_length)
-    ids_RxL, segments_RxL, slots_T = pack_token_rows(rows, max(cfg.max_query_length, cfg.max_passage_length),
-                                                     self.tokenizer.pad_id, cfg.row_multiple, self.process_index)
-    p_ids, p_mask = self.tokenizer.pad(rows[b:])
+    row_length = max(cfg.max_query_length, cfg.max_passage_length)
+    q_ids, q_mask = self._token_rows(queries, cfg.max_query_length)
+    p_ids, p_mask = self._token_rows(passages, cfg.max_passage_length)
+    widen = lambda x, value: np.pad(x, ((0, 0), (0, row_length - x.shape[1])), constant_values=value)  # noqa: E731
+    ids_RxL, segments_RxL, slots_T = pack_token_rows(
+        np.concatenate([widen(q_ids, self.tokenizer.pad_id), widen(p_ids, self.tokenizer.pad_id)]),
+        np.concatenate([widen(q_mask, 0), widen(p_mask, 0)]), row_length, self.tokenizer.pad_id,
+        cfg.row_multiple, self.process_index)
     batch = {"packed_ids": ids_RxL, "packed_segments": segments_RxL, "query_slots": slots_T[:b],
              "passage_slots": slots_T[b:].reshape(b, g), "passage_hash": hash_ids(p_ids, p_mask).reshape(b, g, 2)}
     if teacher_BxG is not None:
@@ -310,21 +320,30 @@ def agree_shapes(batch: dict, agree_length: Callable[[str, int], int], process_i
   return out
 
 
-def pack_token_rows(rows: Sequence[Sequence[int]], row_length: int, pad_id: int, row_multiple: int = 1,
-                    process_index: int = 0):
-  """Token rows → (ids_RxL, segments_RxL, slots_T): the packed layout of Batcher, R a multiple of
-  row_multiple (before `agree_shapes`); slot t = (global row of text t) · S + its segment − 1."""
+def pack_token_rows(ids_TxW: np.ndarray, mask_TxW: np.ndarray, row_length: int, pad_id: int,
+                    row_multiple: int = 1, process_index: int = 0):
+  """Token rows (padded, `Tokenizer.pad`) → (ids_RxL, segments_RxL, slots_T): the packed layout of Batcher,
+  R a multiple of row_multiple (before `agree_shapes`); slot t = (global row of text t) · S + its segment − 1.
+  Texts are placed with array operations over all tokens at once."""
+  keep_TxW = np.asarray(mask_TxW).astype(bool)
+  lengths_T = keep_TxW.sum(1)
   num_slots = slots_per_row(row_length)
-  packing = pack_texts([len(r) for r in rows], row_length, num_slots)
+  packing = pack_texts(lengths_T, row_length, num_slots)
   num_rows = -(-len(packing) // row_multiple) * row_multiple
+  # The texts in layout order (row by row, segment by segment): each one's row, segment and start column.
+  order_O = np.fromiter((t for members in packing for t in members), np.int64, len(lengths_T))
+  members_R = np.fromiter(map(len, packing), np.int64, len(packing))
+  row_O = np.repeat(np.arange(len(packing)), members_R)
+  segment_O = np.arange(len(order_O)) - np.repeat(np.cumsum(members_R) - members_R, members_R)
+  length_O = lengths_T[order_O]
+  before_O = np.cumsum(length_O) - length_O  # tokens placed before this text, over all rows
+  start_O = before_O - before_O[np.repeat(np.cumsum(members_R) - members_R, members_R)]
+  within = np.arange(int(length_O.sum())) - np.repeat(before_O, length_O)
+  flat_at = np.repeat(row_O * row_length + start_O, length_O) + within
   ids_RxL = np.full((num_rows, row_length), pad_id, np.int32)
   segments_RxL = np.zeros((num_rows, row_length), np.int32)
-  slots_T = np.empty(len(rows), np.int32)
-  for r, members in enumerate(packing):
-    start = 0
-    for s, t in enumerate(members):
-      ids_RxL[r, start:start + len(rows[t])] = rows[t]
-      segments_RxL[r, start:start + len(rows[t])] = s + 1
-      slots_T[t] = (process_index * num_rows + r) * num_slots + s
-      start += len(rows[t])
+  ids_RxL.reshape(-1)[flat_at] = np.asarray(ids_TxW)[order_O][keep_TxW[order_O]]
+  segments_RxL.reshape(-1)[flat_at] = np.repeat(segment_O + 1, length_O)
+  slots_T = np.empty(len(lengths_T), np.int32)
+  slots_T[order_O] = (process_index * num_rows + row_O) * num_slots + segment_O
   return ids_RxL, segments_RxL, slots_T

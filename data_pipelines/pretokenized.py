@@ -115,10 +115,35 @@ class Pretokenizer:
   def row(self, prefix: str, ids: Sequence[int], max_length: int) -> np.ndarray:
     """The ids of `prefix + text` with special tokens (int32), truncated to `max_length` as the tokenizer
     does (exact when `ids` were stored with max_tokens ≥ max_length - specials: `check_max_length`)."""
-    room = max(max_length - len(self.head) - len(self.tail), 0)
-    prefix_ids = self.prefix_ids(prefix)[:room]
-    text_ids = np.asarray(ids, np.int32)[:room - len(prefix_ids)]
-    return np.concatenate([self.head, prefix_ids, text_ids, self.tail], dtype=np.int32)
+    ids_1xL, mask_1xL = self.pad([(prefix, ids)], max_length)
+    return ids_1xL[0, :mask_1xL.sum()]
+
+  def pad(self, items: Sequence[tuple[str, Sequence[int]]], max_length: int):
+    """`row` of every (prefix, ids) item, padded: (ids_NxL, mask_NxL) int32, L = max_length (what
+    `Tokenizer.pad` gives for the rows), built with a few array operations for the whole batch, not per row."""
+    n, head, tail = len(items), len(self.head), len(self.tail)
+    room = max(max_length - head - tail, 0)
+    codes: dict[str, int] = {}  # the batch's few distinct prefixes
+    prefix_N = np.fromiter((codes.setdefault(prefix, len(codes)) for prefix, _ in items), np.int64, n)
+    prefixes = [self.prefix_ids(prefix)[:room] for prefix in codes]
+    prefix_length_N = np.array([len(p) for p in prefixes], np.int64)[prefix_N] if n else np.zeros(0, np.int64)
+    texts = [np.asarray(ids, np.int32).reshape(-1) for _, ids in items]
+    stored_N = np.fromiter(map(len, texts), np.int64, n)
+    text_length_N = np.minimum(stored_N, room - prefix_length_N)
+    lengths_N = head + prefix_length_N + text_length_N + tail
+    ids_NxL = np.full((n, max(max_length, head + tail)), self.tokenizer.pad_id, np.int32)
+    ids_NxL[:, :head] = self.head
+    for code, prefix_ids in enumerate(prefixes):
+      ids_NxL[prefix_N == code, head:head + len(prefix_ids)] = prefix_ids
+    # Text token j of item i goes to column head + prefix length + j; it is stored at starts[i] + j.
+    rows_T = np.repeat(np.arange(n), text_length_N)
+    within_T = np.arange(len(rows_T)) - np.repeat(np.cumsum(text_length_N) - text_length_N, text_length_N)
+    if len(rows_T):
+      starts_N = np.cumsum(stored_N) - stored_N
+      ids_NxL[rows_T, head + prefix_length_N[rows_T] + within_T] = np.concatenate(texts)[starts_N[rows_T] + within_T]
+    for k, token in enumerate(self.tail.tolist()):
+      ids_NxL[np.arange(n), lengths_N - tail + k] = token
+    return ids_NxL, (np.arange(ids_NxL.shape[1]) < lengths_N[:, None]).astype(np.int32)
 
 
 def _head_length(tokenizer: Tokenizer) -> int:

@@ -10,6 +10,7 @@ import pytest
 
 from data_pipelines.preprocess import pack_token_rows
 from me5_jax import encoder as enc
+from me5_jax.tokenize import pad_rows
 from me5_jax.variants import get_variant
 
 
@@ -65,7 +66,7 @@ def test_encoder_equals_the_previous_attention(variant, dropout, layout, previou
     right = layout == "right-padded"
     run = lambda: np.asarray(enc.hidden_states(params, ids, mask, cfg, rng, right_padded=right))  # noqa: E731
   else:
-    ids, segments, _ = pack_token_rows(rows, 32, cfg.pad_token_id)
+    ids, segments, _ = pack_token_rows(*pad_rows(rows, cfg.pad_token_id), 32, cfg.pad_token_id)
     run = lambda: np.asarray(enc.hidden_states(params, ids, segments > 0, cfg, rng, segments))  # noqa: E731
   now = run()
   previous_encoder()
@@ -130,7 +131,7 @@ def test_splash_kernel_in_interpret_mode_equals_the_xla_path(variant, layout):
     kw = dict(right_padded=layout == "right-padded")
     segments = None
   else:
-    ids, segments, _ = pack_token_rows(rows, 48, cfg.pad_token_id)
+    ids, segments, _ = pack_token_rows(*pad_rows(rows, cfg.pad_token_id), 48, cfg.pad_token_id)
     mask, kw = segments > 0, dict(segments_BxL=segments)
   states = lambda c: np.asarray(enc.hidden_states(params, ids, mask, c, None, **kw))  # noqa: E731
   xla, spl = states(cfg), states(cfg.replace(attention_impl="splash"))

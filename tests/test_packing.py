@@ -8,6 +8,7 @@ import pytest
 from data_pipelines.batch import slots_per_row
 from data_pipelines.preprocess import agree_shapes, pack_texts, pack_token_rows
 from me5_jax import encoder as enc
+from me5_jax.tokenize import pad_rows
 from me5_jax.variants import get_variant
 
 
@@ -25,7 +26,7 @@ def test_pack_texts_places_every_text_once_within_capacity():
 
 def test_pack_token_rows_layout_and_slots():
   rows = [[5, 6, 7], [8], [9, 10], [11, 12, 13, 14]]
-  ids, segments, slots = pack_token_rows(rows, 8, pad_id=1, row_multiple=4, process_index=2)
+  ids, segments, slots = pack_token_rows(*pad_rows(rows, 1), 8, pad_id=1, row_multiple=4, process_index=2)
   assert ids.shape == (4, 8)  # 2 rows needed → 4 (multiple)
   batch = agree_shapes({"packed_ids": ids, "packed_segments": segments, "query_slots": slots[:2],
                         "passage_slots": slots[2:]}, lambda kind, n: n + 4, 2, pad_id=1)
@@ -52,7 +53,7 @@ def test_packed_rows_embed_like_padded_rows(variant):
   for i, r in enumerate(rows):
     ids[i, :len(r)], mask[i, :len(r)] = r, 1
   expected = np.asarray(enc.embed(params, ids, mask, cfg))
-  p_ids, p_segments, slots = pack_token_rows(rows, 32, pad)
+  p_ids, p_segments, slots = pack_token_rows(*pad_rows(rows, pad), 32, pad)
   assert p_ids.shape[0] < 12
   emb = np.asarray(enc.embed_packed(params, p_ids, p_segments, slots_per_row(32), cfg))
   np.testing.assert_allclose(emb.reshape(-1, emb.shape[-1])[slots], expected, atol=1e-5)

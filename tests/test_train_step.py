@@ -240,10 +240,11 @@ def test_aot_compile_counts_the_sharded_state(enc_cfg):
 def packed(batch, row_multiple):
   """The same texts in the packed layout (data_pipelines.preprocess.pack_token_rows)."""
   from data_pipelines.preprocess import pack_token_rows
+  from me5_jax.tokenize import pad_rows
   rows = [list(r[m > 0]) for r, m in zip(batch["query_ids"], batch["query_mask"])]
   rows += [list(r[m > 0]) for r, m in zip(batch["passage_ids"].reshape(B * G, L),
                                           batch["passage_mask"].reshape(B * G, L))]
-  ids, segments, slots = pack_token_rows(rows, L, pad_id=0, row_multiple=row_multiple)
+  ids, segments, slots = pack_token_rows(*pad_rows(rows, 0), L, pad_id=0, row_multiple=row_multiple)
   return dict(packed_ids=ids, packed_segments=segments, query_slots=slots[:B],
               passage_slots=slots[B:].reshape(B, G), passage_hash=batch["passage_hash"],
               teacher_scores=batch["teacher_scores"])
