@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 # slot means the source itself is broken, which is an error rather than something to count.
 MAX_DRAWS = 64
 SALT_REPLACE, SALT_FILL = 21, 22
+METADATA_FIELDS = ("lang", "source")  # a stage-1 record's fields for reports and evaluation, not for batches
 
 
 class RandomAccessSource(Protocol):
@@ -58,7 +59,9 @@ class InputPipeline:
     host pads to the smallest bucket that fits."""
     if not sources:
       raise ValueError("InputPipeline needs at least one source")
-    self.sources = dict(sources)
+    # Sources that can (data_pipelines.source.Source) skip decoding the metadata fields no batch uses.
+    self.sources = {name: source.without(METADATA_FIELDS) if hasattr(source, "without") else source
+                    for name, source in sources.items()}
     self.sampler = MixtureSampler({n: len(s) for n, s in self.sources.items()}, mixture, process_index,
                                   process_count)
     self.cfg, self.strict, self.seed = preprocess, strict, mixture.seed
@@ -101,18 +104,21 @@ class InputPipeline:
 
   def _batch(self, plan: Plan) -> dict:
     queries, passages, teacher = [], [], []
+    names, cfg = self.sampler.names, self.cfg
+    passage_prefixes = {name: cfg.passage_prefix(name) for name in names}
+    query_prefixes = {name: None if cfg.instruct else cfg.prefix_pair(name)[0] for name in names}  # None: per record
     for row, s, record in zip(plan.rows.tolist(), plan.sources.tolist(), self._records(plan)):
-      name = self.sampler.names[s]
-      query_prefix, passage_prefix = self.cfg.query_prefix(record, name), self.cfg.passage_prefix(name)
+      name = names[s]
+      query_prefix, passage_prefix = query_prefixes[name] or cfg.query_prefix(record, name), passage_prefixes[name]
       ids = self.with_ids[name]
       queries.append((query_prefix, record["query_ids"]) if ids else query_prefix + record["query"])
-      if self.cfg.stage == 1:
+      if cfg.stage == 1:
         passages.append((passage_prefix, record["passage_ids"]) if ids else passage_prefix + record["passage"])
         continue
       group, scores = self._group(name, record, plan.step, row)
       passages.extend((passage_prefix, p_ids) if ids else passage_prefix + text for text, p_ids in group)
       teacher.append(scores)
-    return self.batcher.local(queries, passages, teacher if self.cfg.stage == 2 and self.cfg.use_teacher else None)
+    return self.batcher.local(queries, passages, teacher if cfg.stage == 2 and cfg.use_teacher else None)
 
   def _records(self, plan: Plan) -> list[Mapping]:
     """The plan's valid records in row order, read with one batched call per source."""
@@ -120,8 +126,10 @@ class InputPipeline:
     for s in np.unique(plan.sources).tolist():
       name, rows = self.sampler.names[s], np.flatnonzero(plan.sources == s)
       for r, record in zip(rows.tolist(), self._fetch(name, plan.indices[rows])):
-        key = (SALT_REPLACE, plan.step, int(plan.rows[r]))
-        records[r] = self._read(name, int(plan.indices[r]), *key, record=record)
+        if check_record(record, name, self.cfg) is None:
+          records[r] = record
+        else:  # counted and replaced
+          records[r] = self._read(name, int(plan.indices[r]), SALT_REPLACE, plan.step, int(plan.rows[r]), record=record)
     return records
 
   def _group(self, name: str, record: Mapping, step: int, row: int

@@ -32,11 +32,11 @@ SALT_ROW_SOURCE, SALT_BATCH_SOURCE, SALT_EPOCH = 1, 2, 3
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:
-  """splitmix64 finaliser: a bijective, well-mixing uint64 → uint64 map."""
-  with np.errstate(over="ignore"):
-    x = (x ^ (x >> np.uint64(30))) * _M1
-    x = (x ^ (x >> np.uint64(27))) * _M2
-    return x ^ (x >> np.uint64(31))
+  """splitmix64 finaliser: a bijective, well-mixing uint64 → uint64 map (wrapping: call under
+  np.errstate(over="ignore"))."""
+  x = (x ^ (x >> np.uint64(30))) * _M1
+  x = (x ^ (x >> np.uint64(27))) * _M2
+  return x ^ (x >> np.uint64(31))
 
 
 def hash64(*parts) -> np.ndarray:
@@ -58,28 +58,35 @@ def name_key(name: str) -> int:
   return zlib.crc32(name.encode("utf-8"))
 
 
-def permute(positions: np.ndarray, n: int, *key) -> np.ndarray:
-  """The keyed random permutation of range(n), evaluated at `positions` (each in [0, n)).
+def permute(positions: np.ndarray, n, *key) -> np.ndarray:
+  """The keyed random permutation of range(n), evaluated at `positions` (each in [0, n)); `n` and the key's
+  parts may be arrays matching `positions` (one permutation per element's (n, key): a batch's sources and
+  epochs in one call).
 
   A balanced Feistel network permutes [0, 4^h) ⊇ [0, n); cycle-walking (re-encrypting values ≥ n)
   restricts it to a bijection on [0, n). Cost is O(len(positions)), independent of n.
   """
-  half = max(1, -(-max(n - 1, 1).bit_length() // 2))
-  mask, shift = np.uint64((1 << half) - 1), np.uint64(half)
-  round_keys = [hash64(*key, r) for r in range(_FEISTEL_ROUNDS)]
+  x = np.asarray(positions, np.uint64).reshape(-1)
+  n_X = np.broadcast_to(np.asarray(n, np.uint64), x.shape)
+  # h = ceil(bit_length(max(n - 1, 1)) / 2), at least 1; frexp's exponent is the bit length (n < 2^53).
+  half_X = np.maximum(1, -(-np.frexp(np.maximum(n_X, 2).astype(np.float64) - 1)[1] // 2)).astype(np.uint64)
+  mask_X = (np.uint64(1) << half_X) - np.uint64(1)
+  keys_RxX = np.stack([np.broadcast_to(hash64(*key, r), x.shape) for r in range(_FEISTEL_ROUNDS)])
 
-  def encrypt(x):
+  def encrypt(x, at):
+    shift, mask = half_X[at], mask_X[at]
     left, right = x >> shift, x & mask
-    for k in round_keys:
+    for k in keys_RxX[:, at]:
       left, right = right, left ^ (_mix64(right ^ k) & mask)
     return (left << shift) | right
 
-  out = encrypt(np.asarray(positions, np.uint64))
-  outside = out >= np.uint64(n)
-  while outside.any():
-    out[outside] = encrypt(out[outside])
-    outside = out >= np.uint64(n)
-  return out.astype(np.int64)
+  with np.errstate(over="ignore"):
+    out = encrypt(x, np.arange(len(x)))
+    outside = np.flatnonzero(out >= n_X)
+    while len(outside):
+      out[outside] = encrypt(out[outside], outside)
+      outside = outside[out[outside] >= n_X[outside]]
+  return out.astype(np.int64).reshape(np.shape(positions))
 
 
 def mixture_probs(sizes: Mapping[str, int], weights: Mapping[str, float] | None = None,
@@ -170,16 +177,8 @@ class MixtureSampler:
       pos_B[rows_s] = self.consumed[s] + np.arange(len(rows_s))
       self.consumed[s] += len(rows_s)
     src_b, pos_b = src_B[self._local], pos_B[self._local]
-    idx_b = np.empty_like(pos_b)
-    for s in np.unique(src_b):
-      sel = src_b == s
-      n = int(self.sizes[s])
-      epoch_b, within_b = np.divmod(pos_b[sel], n)
-      out = np.empty_like(within_b)
-      for e in np.unique(epoch_b):  # a batch spans at most a couple of epochs
-        in_e = epoch_b == e
-        out[in_e] = permute(within_b[in_e], n, seed, SALT_EPOCH, self._name_keys[s], e)
-      idx_b[sel] = out
+    epoch_b, within_b = np.divmod(pos_b, self.sizes[src_b])
+    idx_b = permute(within_b, self.sizes[src_b], seed, SALT_EPOCH, np.asarray(self._name_keys)[src_b], epoch_b)
     plan = Plan(self.step, rows_B[self._local], src_b, idx_b)
     self.step += 1
     return plan

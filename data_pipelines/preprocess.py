@@ -133,11 +133,12 @@ def check_record(record: Mapping, source: str, cfg: PreprocessConfig) -> str | N
   other tools, plus what only the read side can judge: no_negatives, no_teacher_score, no_task."""
   texts = ("query", "passage") if cfg.stage == 1 else ("query", "positive")
   for key in texts:
-    if record.get(key) is None:
+    text = record.get(key)
+    if text is None:
       return "missing_field"
-    if not _is_text(record[key]):
+    if not isinstance(text, str):
       return "non_string"
-    if not record[key].strip():
+    if not text.strip():
       return "empty_text"
   if cfg.stage == 2:
     for key in ("negatives", "positive_score", "negative_scores"):

@@ -123,24 +123,29 @@ class Pretokenizer:
     `Tokenizer.pad` gives for the rows), built with a few array operations for the whole batch, not per row."""
     n, head, tail = len(items), len(self.head), len(self.tail)
     room = max(max_length - head - tail, 0)
-    codes: dict[str, int] = {}  # the batch's few distinct prefixes
-    prefix_N = np.fromiter((codes.setdefault(prefix, len(codes)) for prefix, _ in items), np.int64, n)
-    prefixes = [self.prefix_ids(prefix)[:room] for prefix in codes]
-    prefix_length_N = np.array([len(p) for p in prefixes], np.int64)[prefix_N] if n else np.zeros(0, np.int64)
-    texts = [np.asarray(ids, np.int32).reshape(-1) for _, ids in items]
+    prefix_N, texts = zip(*items) if n else ((), ())
+    distinct = list(dict.fromkeys(prefix_N))  # the batch's few prefixes
+    prefixes = [self.prefix_ids(prefix)[:room] for prefix in distinct]
+    code_N = np.zeros(n, np.int64)
+    if len(distinct) > 1:
+      prefix_N = np.array(prefix_N, object)
+      for code, prefix in enumerate(distinct[1:], 1):
+        code_N[prefix_N == prefix] = code
+    prefix_length_N = np.array([len(p) for p in prefixes], np.int64)[code_N] if n else code_N
     stored_N = np.fromiter(map(len, texts), np.int64, n)
     text_length_N = np.minimum(stored_N, room - prefix_length_N)
     lengths_N = head + prefix_length_N + text_length_N + tail
     ids_NxL = np.full((n, max(max_length, head + tail)), self.tokenizer.pad_id, np.int32)
     ids_NxL[:, :head] = self.head
     for code, prefix_ids in enumerate(prefixes):
-      ids_NxL[prefix_N == code, head:head + len(prefix_ids)] = prefix_ids
+      ids_NxL[code_N == code, head:head + len(prefix_ids)] = prefix_ids
     # Text token j of item i goes to column head + prefix length + j; it is stored at starts[i] + j.
     rows_T = np.repeat(np.arange(n), text_length_N)
     within_T = np.arange(len(rows_T)) - np.repeat(np.cumsum(text_length_N) - text_length_N, text_length_N)
     if len(rows_T):
       starts_N = np.cumsum(stored_N) - stored_N
-      ids_NxL[rows_T, head + prefix_length_N[rows_T] + within_T] = np.concatenate(texts)[starts_N[rows_T] + within_T]
+      flat = np.concatenate(texts).astype(np.int32, copy=False)
+      ids_NxL[rows_T, head + prefix_length_N[rows_T] + within_T] = flat[starts_N[rows_T] + within_T]
     for k, token in enumerate(self.tail.tolist()):
       ids_NxL[np.arange(n), lengths_N - tail + k] = token
     return ids_NxL, (np.arange(ids_NxL.shape[1]) < lengths_N[:, None]).astype(np.int32)
