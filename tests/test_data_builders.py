@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data_pipelines import bible, builders, open_source, readers, records
+from data_pipelines import Source, bible, builders, open_source, readers, records
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Texts that stress encoding and escaping: several scripts, emoji, quotes, backslashes, NUL-free controls.
@@ -144,6 +144,14 @@ def test_stage2_roundtrip_with_and_without_scores(tmp_path):
     np.testing.assert_array_equal(np.float32(got[i]["negative_scores"]), ref["negative_scores"])
     np.testing.assert_array_equal(np.float32(got[i]["positive_score"]), ref["positive_score"])
     assert (got[i]["query"], got[i]["task"]) == (ref["query"].decode(), ref["task"].decode())
+  # Across shards: one file cut into three (first record, count) shards reads the records they name.
+  path = source._paths[0]
+  cut = Source("stage2", "train", [(path, 0, 3), (path, 5, 4), (path, 1, 2)], source._fields, {})
+  assert len(cut) == 9
+  assert list(map(key, cut.__getitems__([8, 0, 4, 7, 2]))) == [key(got[i]) for i in (2, 0, 6, 1, 2)]
+  with pytest.raises(IndexError, match="record 9 is out of range"):
+    cut[9]
+  assert key(source.without(["task", "query"])[3]) == key({k: v for k, v in got[3].items() if k not in ("task", "query")})
 
 
 def test_stage2_rejects_tsv_before_work(tmp_path):

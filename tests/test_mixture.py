@@ -30,6 +30,17 @@ def test_permute_is_a_bijection_and_keyed(n):
   np.testing.assert_array_equal(perm[3 % n::5], permute(np.arange(n)[3 % n::5], n, 7, 1))
 
 
+def test_permute_of_many_sources_at_once_is_each_ones_permutation():
+  """next_plan permutes a batch's rows of every source and epoch in one call: element i must get exactly
+  permutation (n[i], key[i]) evaluated at its position."""
+  rng = np.random.default_rng(0)
+  n = rng.choice([1, 7, 4097, 31051, 10**9], 300)
+  positions, epochs = rng.integers(0, n), rng.integers(0, 3, 300)
+  together = permute(positions, n, 5, 3, epochs)
+  alone = [permute(np.array([p]), int(m), 5, 3, int(e))[0] for p, m, e in zip(positions, n, epochs)]
+  np.testing.assert_array_equal(together, alone)
+
+
 @pytest.mark.parametrize("alpha", [1.0, 0.5])
 def test_mixed_proportions_match_weights_within_3_sigma(alpha):
   sampler = MixtureSampler({n: 10**6 for n in TABLE1_M}, MixtureConfig(global_batch_size=100, seed=3,
