@@ -36,24 +36,38 @@ def pick_bucket(n: int, buckets: Sequence[int]) -> int:
   return next(b for b in buckets if b >= n)
 
 
-def pack_texts(lengths: Sequence[int], row_length: int, max_segments: int) -> list[list[int]]:
-  """First-fit decreasing: rows of text indices, each row's lengths summing to ≤ row_length, ≤ max_segments
-  texts per row. Longest texts first, ties by index, so the layout is a function of the lengths alone."""
+def pack_texts(lengths: Sequence[int], row_length: int, max_segments: int) -> tuple[np.ndarray, np.ndarray]:
+  """First-fit decreasing: (row_T, segment_T), text t being row row_T[t]'s segment_T[t]-th text; a row's
+  lengths sum to ≤ row_length, ≤ max_segments texts per row. Longest texts first, ties by index, so the
+  layout is a function of the lengths alone.
+
+  Texts of one length are placed together, in one array step: first fit puts them, in order, into the rows
+  that can take one, in row order, each row taking as many as its room and free segments allow (a row
+  before the current one never regains room), then into new rows. This is the text-by-text result.
+  """
   lengths_T = np.asarray(lengths, np.int64).reshape(-1)
   if lengths_T.size and lengths_T.max() > row_length:
     raise ValueError(f"a text of {lengths_T.max()} tokens does not fit packed rows of {row_length}")
-  rows: list[list[int]] = []
-  room_R = np.full(len(lengths_T), -1, np.int64)  # a row's free tokens; -1 once it holds max_segments texts
-  for i in np.lexsort((np.arange(len(lengths_T)), -lengths_T)).tolist():
-    n = lengths_T[i]
-    r = int(np.argmax(room_R[:len(rows) + 1] >= n)) if rows else 0  # the first row it fits, or the next one
-    if r == len(rows) or room_R[r] < n:
-      r = len(rows)
-      rows.append([])
-      room_R[r] = row_length
-    rows[r].append(i)
-    room_R[r] = room_R[r] - n if len(rows[r]) < max_segments else -1
-  return rows
+  row_T, segment_T = np.empty(len(lengths_T), np.int64), np.empty(len(lengths_T), np.int64)
+  room_R, used_R = np.zeros(0, np.int64), np.zeros(0, np.int64)  # free tokens and texts of each open row
+  order = np.lexsort((np.arange(len(lengths_T)), -lengths_T))
+  starts = np.flatnonzero(np.diff(lengths_T[order], prepend=-1)).tolist() + [len(order)]
+  for start, end in zip(starts[:-1], starts[1:]):
+    n, texts = int(lengths_T[order[start]]), order[start:end]
+    fits_R = np.minimum(room_R // n if n else max_segments, max_segments - used_R)  # how many each row takes
+    taken_R = np.cumsum(fits_R)
+    j = np.arange(min(len(texts), int(taken_R[-1]) if len(taken_R) else 0))
+    rows = np.searchsorted(taken_R, j, side="right")
+    row_T[texts[:len(j)]], segment_T[texts[:len(j)]] = rows, used_R[rows] + j - (taken_R - fits_R)[rows]
+    placed_R = np.bincount(rows, minlength=len(room_R))
+    used_R, room_R = used_R + placed_R, room_R - n * placed_R
+    if len(j) < len(texts):  # the rest opens rows that each take `per_row` of them
+      rest = np.arange(len(texts) - len(j))
+      per_row = min(row_length // n if n else max_segments, max_segments)
+      row_T[texts[len(j):]], segment_T[texts[len(j):]] = len(room_R) + rest // per_row, rest % per_row
+      placed_R = np.bincount(rest // per_row)
+      used_R, room_R = np.concatenate([used_R, placed_R]), np.concatenate([room_R, row_length - n * placed_R])
+  return row_T, segment_T
 
 
 @dataclasses.dataclass(frozen=True)
@@ -329,22 +343,18 @@ def pack_token_rows(ids_TxW: np.ndarray, mask_TxW: np.ndarray, row_length: int, 
   keep_TxW = np.asarray(mask_TxW).astype(bool)
   lengths_T = keep_TxW.sum(1)
   num_slots = slots_per_row(row_length)
-  packing = pack_texts(lengths_T, row_length, num_slots)
-  num_rows = -(-len(packing) // row_multiple) * row_multiple
-  # The texts in layout order (row by row, segment by segment): each one's row, segment and start column.
-  order_O = np.fromiter((t for members in packing for t in members), np.int64, len(lengths_T))
-  members_R = np.fromiter(map(len, packing), np.int64, len(packing))
-  row_O = np.repeat(np.arange(len(packing)), members_R)
-  segment_O = np.arange(len(order_O)) - np.repeat(np.cumsum(members_R) - members_R, members_R)
+  row_T, segment_T = pack_texts(lengths_T, row_length, num_slots)
+  num_rows = -(-int(row_T.max(initial=-1) + 1) // row_multiple) * row_multiple
+  # The texts in layout order (row by row, segment by segment), and each one's start column.
+  order_O = np.lexsort((segment_T, row_T))
   length_O = lengths_T[order_O]
   before_O = np.cumsum(length_O) - length_O  # tokens placed before this text, over all rows
-  start_O = before_O - before_O[np.repeat(np.cumsum(members_R) - members_R, members_R)]
+  start_O = before_O - before_O[np.maximum.accumulate(np.where(segment_T[order_O] == 0, np.arange(len(order_O)), 0))]
   within = np.arange(int(length_O.sum())) - np.repeat(before_O, length_O)
-  flat_at = np.repeat(row_O * row_length + start_O, length_O) + within
+  flat_at = np.repeat(row_T[order_O] * row_length + start_O, length_O) + within
   ids_RxL = np.full((num_rows, row_length), pad_id, np.int32)
   segments_RxL = np.zeros((num_rows, row_length), np.int32)
   ids_RxL.reshape(-1)[flat_at] = np.asarray(ids_TxW)[order_O][keep_TxW[order_O]]
-  segments_RxL.reshape(-1)[flat_at] = np.repeat(segment_O + 1, length_O)
-  slots_T = np.empty(len(lengths_T), np.int32)
-  slots_T[order_O] = (process_index * num_rows + row_O) * num_slots + segment_O
+  segments_RxL.reshape(-1)[flat_at] = np.repeat(segment_T[order_O] + 1, length_O)
+  slots_T = ((process_index * num_rows + row_T) * num_slots + segment_T).astype(np.int32)
   return ids_RxL, segments_RxL, slots_T

@@ -12,16 +12,43 @@ from me5_jax.tokenize import pad_rows
 from me5_jax.variants import get_variant
 
 
+def first_fit_decreasing(lengths, row_length, max_segments):
+  """The packing rule, text by text: longest first (ties by index), each into the first row with room."""
+  rows, room = [], []
+  for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+    r = next((r for r in range(len(rows)) if room[r] >= lengths[i] and len(rows[r]) < max_segments), len(rows))
+    if r == len(rows):
+      rows.append([])
+      room.append(row_length)
+    rows[r].append(i)
+    room[r] -= lengths[i]
+  return rows
+
+
 def test_pack_texts_places_every_text_once_within_capacity():
   rng = np.random.default_rng(0)
   lengths = rng.integers(1, 33, 200).tolist()
-  rows = pack_texts(lengths, 32, 4)
-  assert sorted(i for r in rows for i in r) == list(range(200))
-  assert all(sum(lengths[i] for i in r) <= 32 and len(r) <= 4 for r in rows)
-  assert len(rows) < 200 * 0.75  # short texts share rows
-  assert rows == pack_texts(lengths, 32, 4)  # a function of the lengths alone
+  row_T, segment_T = pack_texts(lengths, 32, 4)
+  assert sorted(zip(row_T.tolist(), segment_T.tolist())) == sorted(set(zip(row_T.tolist(), segment_T.tolist())))
+  assert all(np.bincount(row_T, weights=lengths) <= 32) and np.bincount(row_T).max() <= 4
+  assert row_T.max() + 1 < 200 * 0.75  # short texts share rows
   with pytest.raises(ValueError, match="33 tokens does not fit packed rows of 32"):
     pack_texts([33], 32, 4)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_pack_texts_is_first_fit_decreasing_text_by_text(seed):
+  """pack_texts places a length's texts in one array step; the layout is the text-by-text one."""
+  rng = np.random.default_rng(seed)
+  row_length = int(rng.choice([8, 32, 128]))
+  lengths = rng.integers(0 if seed % 5 == 0 else 1, row_length + 1, int(rng.integers(0, 300))).tolist()
+  if seed % 3 == 0:  # many equal lengths, as short Bible verses give
+    lengths = rng.choice([2, 3, row_length // 2, row_length], len(lengths)).tolist()
+  max_segments = int(rng.choice([1, 2, 4, row_length // 4]))
+  row_T, segment_T = pack_texts(lengths, row_length, max_segments)
+  want = first_fit_decreasing(lengths, row_length, max_segments)
+  assert [[t for t in np.flatnonzero(row_T == r)[np.argsort(segment_T[row_T == r])]] for r in range(len(want))] == want
+  assert row_T.max(initial=-1) + 1 == len(want)
 
 
 def test_pack_token_rows_layout_and_slots():
