@@ -35,7 +35,7 @@ def dataset_path(data_dir: str, name: str) -> str:
 # thread pool (a batch reads each source once) and TFDS's data source adds a Python thread pool per call;
 # seek + read of one record costs 7-10 µs of CPU, most of it riegeli's per-record chunk decoding.
 READER_OPTIONS = "readahead_buffer_size:0,max_parallelism:0"
-READER_BUFFER_BYTES = 32 << 10
+READER_BUFFER_BYTES = 4 << 10
 
 
 class Source:
