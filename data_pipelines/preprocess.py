@@ -49,24 +49,27 @@ def pack_texts(lengths: Sequence[int], row_length: int, max_segments: int) -> tu
   if lengths_T.size and lengths_T.max() > row_length:
     raise ValueError(f"a text of {lengths_T.max()} tokens does not fit packed rows of {row_length}")
   row_T, segment_T = np.empty(len(lengths_T), np.int64), np.empty(len(lengths_T), np.int64)
-  room_R, used_R = np.zeros(0, np.int64), np.zeros(0, np.int64)  # free tokens and texts of each open row
+  room_R, free_R = np.zeros(0, np.int64), np.zeros(0, np.int64)  # free tokens and segments of each open row
   order = np.lexsort((np.arange(len(lengths_T)), -lengths_T))
   starts = np.flatnonzero(np.diff(lengths_T[order], prepend=-1)).tolist() + [len(order)]
   for start, end in zip(starts[:-1], starts[1:]):
     n, texts = int(lengths_T[order[start]]), order[start:end]
-    fits_R = np.minimum(room_R // n if n else max_segments, max_segments - used_R)  # how many each row takes
+    fits_R = np.minimum(room_R // n, free_R) if n else free_R  # how many each open row takes
     taken_R = np.cumsum(fits_R)
-    j = np.arange(min(len(texts), int(taken_R[-1]) if len(taken_R) else 0))
-    rows = np.searchsorted(taken_R, j, side="right")
-    row_T[texts[:len(j)]], segment_T[texts[:len(j)]] = rows, used_R[rows] + j - (taken_R - fits_R)[rows]
-    placed_R = np.bincount(rows, minlength=len(room_R))
-    used_R, room_R = used_R + placed_R, room_R - n * placed_R
-    if len(j) < len(texts):  # the rest opens rows that each take `per_row` of them
-      rest = np.arange(len(texts) - len(j))
+    placed = min(len(texts), int(taken_R[-1]) if len(taken_R) else 0)
+    if placed:
+      j = np.arange(placed)
+      rows = np.searchsorted(taken_R, j, side="right")
+      row_T[texts[:placed]] = rows
+      segment_T[texts[:placed]] = max_segments - free_R[rows] + j - (taken_R - fits_R)[rows]
+      placed_R = np.bincount(rows, minlength=len(room_R))
+      free_R, room_R = free_R - placed_R, room_R - n * placed_R
+    if placed < len(texts):  # the rest opens rows that each take `per_row` of them
+      rest = np.arange(len(texts) - placed)
       per_row = min(row_length // n if n else max_segments, max_segments)
-      row_T[texts[len(j):]], segment_T[texts[len(j):]] = len(room_R) + rest // per_row, rest % per_row
+      row_T[texts[placed:]], segment_T[texts[placed:]] = len(room_R) + rest // per_row, rest % per_row
       placed_R = np.bincount(rest // per_row)
-      used_R, room_R = np.concatenate([used_R, placed_R]), np.concatenate([room_R, row_length - n * placed_R])
+      free_R, room_R = np.concatenate([free_R, max_segments - placed_R]), np.concatenate([room_R, row_length - n * placed_R])
   return row_T, segment_T
 
 

@@ -139,13 +139,12 @@ class Pretokenizer:
     ids_NxL[:, :head] = self.head
     for code, prefix_ids in enumerate(prefixes):
       ids_NxL[code_N == code, head:head + len(prefix_ids)] = prefix_ids
-    # Text token j of item i goes to column head + prefix length + j; it is stored at starts[i] + j.
-    rows_T = np.repeat(np.arange(n), text_length_N)
-    within_T = np.arange(len(rows_T)) - np.repeat(np.cumsum(text_length_N) - text_length_N, text_length_N)
-    if len(rows_T):
-      starts_N = np.cumsum(stored_N) - stored_N
-      flat = np.concatenate(texts).astype(np.int32, copy=False)
-      ids_NxL[rows_T, head + prefix_length_N[rows_T] + within_T] = flat[starts_N[rows_T] + within_T]
+    # The text tokens fill, row by row, the columns between the row's prefix and its tail.
+    columns_L = np.arange(ids_NxL.shape[1])
+    text_start_N = head + prefix_length_N
+    text_NxL = (columns_L >= text_start_N[:, None]) & (columns_L < (text_start_N + text_length_N)[:, None])
+    if n:
+      ids_NxL[text_NxL] = np.concatenate([ids[:k] for ids, k in zip(texts, text_length_N.tolist())])
     for k, token in enumerate(self.tail.tolist()):
       ids_NxL[np.arange(n), lengths_N - tail + k] = token
     return ids_NxL, (np.arange(ids_NxL.shape[1]) < lengths_N[:, None]).astype(np.int32)
