@@ -238,11 +238,12 @@ class Batcher:
   def _token_rows(self, items: list[Text], max_length: int):
     """Every item's row, padded to max_length: (ids_NxL, mask_NxL) int32. Texts are tokenized; (prefix, ids)
     items only get their prefix and special tokens, a whole batch at a time (Pretokenizer.pad)."""
-    texts = [i for i, item in enumerate(items) if isinstance(item, str)]
-    if len(texts) == len(items):
-      return self.tokenizer.pad(self._tokenized(items, max_length), max_length)
-    if not texts:
+    kinds = set(map(type, items))  # a batch's texts are usually all one kind
+    if str not in kinds:
       return self._pretokenizer().pad(items, max_length)
+    if kinds == {str}:
+      return self.tokenizer.pad(self._tokenized(items, max_length), max_length)
+    texts = [i for i, item in enumerate(items) if isinstance(item, str)]
     stored = [i for i, item in enumerate(items) if not isinstance(item, str)]
     stored_rows = self._pretokenizer().pad([items[i] for i in stored], max_length)
     ids_NxL = np.empty((len(items), stored_rows[0].shape[1]), np.int32)
@@ -348,16 +349,14 @@ def pack_token_rows(ids_TxW: np.ndarray, mask_TxW: np.ndarray, row_length: int, 
   num_slots = slots_per_row(row_length)
   row_T, segment_T = pack_texts(lengths_T, row_length, num_slots)
   num_rows = -(-int(row_T.max(initial=-1) + 1) // row_multiple) * row_multiple
-  # The texts in layout order (row by row, segment by segment), and each one's start column.
+  # A row's texts sit one after another from column 0, so the texts' tokens in layout order (row by row,
+  # segment by segment) fill each row's first `used` columns, in row-major order.
   order_O = np.lexsort((segment_T, row_T))
-  length_O = lengths_T[order_O]
-  before_O = np.cumsum(length_O) - length_O  # tokens placed before this text, over all rows
-  start_O = before_O - before_O[np.maximum.accumulate(np.where(segment_T[order_O] == 0, np.arange(len(order_O)), 0))]
-  within = np.arange(int(length_O.sum())) - np.repeat(before_O, length_O)
-  flat_at = np.repeat(row_T[order_O] * row_length + start_O, length_O) + within
+  used_R = np.bincount(row_T, weights=lengths_T, minlength=num_rows).astype(np.int64)
+  filled_RxL = np.arange(row_length) < used_R[:, None]
   ids_RxL = np.full((num_rows, row_length), pad_id, np.int32)
   segments_RxL = np.zeros((num_rows, row_length), np.int32)
-  ids_RxL.reshape(-1)[flat_at] = np.asarray(ids_TxW)[order_O][keep_TxW[order_O]]
-  segments_RxL.reshape(-1)[flat_at] = np.repeat(segment_T[order_O] + 1, length_O)
+  ids_RxL[filled_RxL] = np.asarray(ids_TxW)[order_O][keep_TxW[order_O]]
+  segments_RxL[filled_RxL] = np.repeat(segment_T[order_O] + 1, lengths_T[order_O])
   slots_T = ((process_index * num_rows + row_T) * num_slots + segment_T).astype(np.int32)
   return ids_RxL, segments_RxL, slots_T

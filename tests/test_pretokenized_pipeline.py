@@ -66,6 +66,27 @@ def test_batches_from_stored_ids_equal_the_tokenized_ones(built, stage, instruct
       np.testing.assert_array_equal(got[key], want[key], err_msg=key)
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_mixture_of_text_and_ids_sources_equals_all_text(built, packed):
+  """A batch mixing texts to tokenize and stored ids (Batcher._token_rows' mixed case) is the all-text one."""
+  tokenizer, sources = built
+  text_source, ids_source = sources[1]
+  cfg = PreprocessConfig(max_query_length=64, max_passage_length=128, pack_rows=packed)
+  fingerprint = pretokenized.fingerprint(tokenizer.path)
+  mixture = MixtureConfig(16, seed=1, weights={"custom": 1, "nllb": 1})
+  mixed = InputPipeline({"custom": ids_source, "nllb": text_source}, tokenizer, mixture, cfg,
+                        tokenizer_fingerprint=fingerprint)
+  texts = InputPipeline({"custom": text_source, "nllb": text_source}, tokenizer, mixture, cfg,
+                        tokenizer_fingerprint=fingerprint)
+  assert mixed.with_ids == {"custom": True, "nllb": False}
+  for _ in range(4):
+    want, got = next(texts), next(mixed)
+    assert set(got) == set(want)
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+  assert min(mixed.get_state()["consumed"].values()) >= 16  # both kinds in the batches
+
+
 def test_other_tokenizer_or_longer_max_length_is_one_line_naming_both(built, minilm_dir, me5_small_dir):
   tokenizer, sources = built
   _, ids_source = sources[1]
