@@ -49,13 +49,13 @@ class _ReportingBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
   # `importlib_resources` backport (absent on Python >= 3.9): we download nothing, so there is no code path.
   code_path = None
 
-  def __init__(self, *, strict: bool = False, tokenizer_dir: str | None = None,
+  def __init__(self, *, strict: bool = False, pretokenizer: pretokenized.Pretokenizer | None = None,
                max_tokens: int = pretokenized.DEFAULT_MAX_TOKENS, **kwargs):
+    """pretokenizer: store every text's ids under its tokenizer (loaded from a folder: `Tokenizer.path`)."""
     self.report = records.BuildReport(strict)
-    self.pretokenizer, self.tokenizer_info = None, None
-    if tokenizer_dir:
-      from me5_jax.tokenize import Tokenizer
-      self.pretokenizer = pretokenized.Pretokenizer(Tokenizer.from_dir(tokenizer_dir))
+    self.pretokenizer, self.tokenizer_info = pretokenizer, None
+    if pretokenizer is not None:
+      tokenizer_dir = pretokenizer.tokenizer.path
       self.tokenizer_info = {"fingerprint": pretokenized.fingerprint(tokenizer_dir), "max_tokens": max_tokens,
                              "dir": os.path.abspath(tokenizer_dir)}
     super().__init__(file_format=FILE_FORMAT, **kwargs)
@@ -234,10 +234,11 @@ def build(name: str, data_dir: str, files: Sequence[str] = (), *, strict: bool =
       raise readers.InputError(f"--max-tokens must be >= 1, got {max_tokens}")
     from me5_jax.tokenize import Tokenizer
     try:
-      pretokenized.Pretokenizer(Tokenizer.from_dir(tokenizer_dir)).check_word_by_word()
+      pretokenizer = pretokenized.Pretokenizer(Tokenizer.from_dir(tokenizer_dir))
+      pretokenizer.check_word_by_word()
     except (ValueError, FileNotFoundError) as e:
       raise readers.InputError(f"--tokenizer {tokenizer_dir}: {e}") from None
-    kwargs.update(tokenizer_dir=tokenizer_dir, max_tokens=max_tokens)
+    kwargs.update(pretokenizer=pretokenizer, max_tokens=max_tokens)
   if use_beam:
     try:
       from data_pipelines import beam_build
