@@ -13,7 +13,7 @@ With --read-workers N..., the pipeline is also timed with N worker processes bui
 (data_pipelines.read_workers); its CPU time is then that of every process, its wall time shows the scaling.
 
   python benchmarks/input_pipeline.py [--tokenizer DIR] [--tsv bible_pd.tsv] [--tfds | --pretokenized]
-                                      [--batch 512] [--pack] [--read-workers 1 2]
+                                      [--batch 512] [--pack] [--read-workers 1 2] [--repeats 3]
 """
 from __future__ import annotations
 
@@ -107,8 +107,9 @@ def peer_texts(sources, mixture: MixtureConfig, prep: PreprocessConfig, batches:
 
 
 def run(args, passage_verses: int, tmp: str) -> tuple[dict[int, tuple[float, float]], tuple[float, float]]:
-  """({read workers: (wall, CPU) seconds} of our pipeline, (wall, CPU) of the peer) over the same batches;
-  0 read workers: built in this process."""
+  """({read workers: (wall, CPU) seconds per pair} of our pipeline, (wall, CPU) per pair of the peer), each
+  the median of args.repeats timings taken in turn (ours with 0, 1, 2... read workers, then the peer, then
+  again), so that a slow spell of a shared machine hits every row alike; 0 read workers: built in this process."""
   records = memory_sources(args.tsv, passage_verses)
   mixture = MixtureConfig(global_batch_size=args.batch, seed=0)
   prep = PreprocessConfig(max_query_length=args.max_length, max_passage_length=args.max_length, pack_rows=args.pack)
@@ -119,28 +120,42 @@ def run(args, passage_verses: int, tmp: str) -> tuple[dict[int, tuple[float, flo
   fingerprint = pretokenized.fingerprint(args.tokenizer) if args.pretokenized else None
   pipe = InputPipeline(sources, Tokenizer.from_dir(args.tokenizer), mixture, prep, tokenizer_fingerprint=fingerprint)
   assert all(pipe.with_ids.values()) == args.pretokenized
-  start = pipe.get_state()
-  next(pipe)  # warm-up: first reads, allocations; then back to the start
-  pipe.set_state(start)
-  ours = {0: timed(lambda: next(pipe), args.batches)}
-  for workers in args.read_workers:
-    pipe.set_state(start)
+  next(pipe)  # warm-up: first reads, allocations
+
+  def ours(workers: int) -> tuple[float, float]:
+    if not workers:
+      return timed(lambda: next(pipe), args.batches)
     with ReadWorkers(pipe, workers) as ahead:
       for _ in range(4 * workers):  # warm-up: every worker started (imports) and built batches
         next(ahead)
-      ours[workers] = timed(lambda: next(ahead), args.batches, [w.pid for w in ahead._workers])
+      return timed(lambda: next(ahead), args.batches, [w.pid for w in ahead._workers])
 
-  texts = iter(peer_texts(sources, mixture, prep, args.batches))  # TFDS order differs from the lists
+  peer_batches = min(args.batches, args.peer_batches)
+  texts = peer_texts(sources, mixture, prep, peer_batches)  # TFDS order differs from the lists
   hf = tokenizers.Tokenizer.from_file(os.path.join(args.tokenizer, "tokenizer.json"))
   hf.enable_truncation(args.max_length)
   hf.enable_padding(pad_id=hf.token_to_id("<pad>"))
   hf.encode_batch(["warm up"] * 8)
 
-  def peer_batch():
-    queries, passages = next(texts)
-    for enc in (hf.encode_batch(queries), hf.encode_batch(passages)):
-      np.array([e.ids for e in enc], np.int32), np.array([e.attention_mask for e in enc], np.int32)
-  return ours, timed(peer_batch, args.batches)
+  def peer() -> tuple[float, float]:
+    batches = iter(texts)
+
+    def peer_batch():
+      queries, passages = next(batches)
+      for enc in (hf.encode_batch(queries), hf.encode_batch(passages)):
+        np.array([e.ids for e in enc], np.int32), np.array([e.attention_mask for e in enc], np.int32)
+    return timed(peer_batch, peer_batches)
+
+  paths = [0, *args.read_workers]
+  times: dict = {path: [] for path in paths + ["peer"]}
+  for _ in range(args.repeats):
+    for path in paths:
+      wall, cpu = ours(path)
+      times[path].append((wall / (args.batch * args.batches), cpu / (args.batch * args.batches)))
+    wall, cpu = peer()
+    times["peer"].append((wall / (args.batch * peer_batches), cpu / (args.batch * peer_batches)))
+  median = lambda xs: tuple(float(np.median(x)) for x in zip(*xs))  # noqa: E731
+  return {path: median(times[path]) for path in paths}, median(times["peer"])
 
 
 def main() -> None:
@@ -151,7 +166,10 @@ def main() -> None:
   ap.add_argument("--tfds", action="store_true", help="read TFDS array_record datasets, not lists")
   ap.add_argument("--pretokenized", action="store_true", help="TFDS datasets built with token ids, read as ids")
   ap.add_argument("--batch", type=int, default=512, help="global batch (one host)")
-  ap.add_argument("--batches", type=int, default=30)
+  ap.add_argument("--batches", type=int, default=None,
+                  help="batches per timing of our pipeline (default: 100 from stored ids, else 30)")
+  ap.add_argument("--peer-batches", type=int, default=30, help="at most this many per timing of the peer")
+  ap.add_argument("--repeats", type=int, default=3, help="timings per row, taken in turn; the median is shown")
   ap.add_argument("--max-length", type=int, default=128)
   ap.add_argument("--passage-verses", type=int, nargs="+", default=[1, 10],
                   help="verses per passage, one table row pair each")
@@ -166,8 +184,10 @@ def main() -> None:
     if not os.path.exists(path):
       sys.exit(f"{path} is missing: pass another --tokenizer / --tsv")
 
+  args.batches = args.batches or (100 if args.pretokenized else 30)
   pairs = args.batch * args.batches
-  print(f"read → mix → tokenize → batch: {pairs} Bible pairs per row ({', '.join(SOURCES)} → en), "
+  print(f"read → mix → tokenize → batch: {pairs} Bible pairs per timing, median of {args.repeats} timings "
+        f"taken in turn ({', '.join(SOURCES)} → en), "
         f"max length {args.max_length}, {'packed' if args.pack else 'padded'}, batch {args.batch}, "
         f"sources {'TFDS array_record' + (' with token ids' if args.pretokenized else '') if args.tfds else 'in memory'}, "
         "1 tokenizer thread")
@@ -180,7 +200,7 @@ def main() -> None:
       rows = [(path + (f", {w} read worker{'s' * (w > 1)}" if w else ""), times, w) for w, times in ours.items()]
       for name, (wall, cpu), workers in rows + [("HF tokenizers encode_batch loop", peer, None)]:
         scaling = f"{ours[1][0] / wall:.2f}" if workers and 1 in ours else ""
-        print(f"| {verses} verse{'s' * (verses > 1)} | {name} | {pairs / cpu:,.0f} | {pairs / wall:,.0f} | "
+        print(f"| {verses} verse{'s' * (verses > 1)} | {name} | {1 / cpu:,.0f} | {1 / wall:,.0f} | "
               f"{peer[1] / cpu:.2f} | {scaling} |", flush=True)
 
 
