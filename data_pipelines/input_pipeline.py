@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 MAX_DRAWS = 64
 SALT_REPLACE, SALT_FILL = 21, 22
 METADATA_FIELDS = ("lang", "source")  # a stage-1 record's fields for reports and evaluation, not for batches
+TEXTS = ("query", "passage")  # a stage-1 record's texts
 
 
 class RandomAccessSource(Protocol):
@@ -59,9 +60,18 @@ class InputPipeline:
     host pads to the smallest bucket that fits."""
     if not sources:
       raise ValueError("InputPipeline needs at least one source")
-    # Sources that can (data_pipelines.source.Source) skip decoding the metadata fields no batch uses.
-    self.sources = {name: source.without(METADATA_FIELDS) if hasattr(source, "without") else source
-                    for name, source in sources.items()}
+    self.with_ids = {name: _uses_ids(name, source, preprocess, tokenizer, tokenizer_fingerprint)
+                     for name, source in sources.items()}
+    # Sources that can (data_pipelines.source.Source) skip decoding the fields no batch uses: the metadata,
+    # and a stage-1 source's texts when it is read as ids. Its texts then go unchecked here: a build that
+    # stores ids refused the same missing, non-string and empty texts (records.validated).
+    self.sources, self._checked_texts = {}, {}
+    for name, source in sources.items():
+      skip_texts = self.with_ids[name] and preprocess.stage == 1 and hasattr(source, "without")
+      if hasattr(source, "without"):
+        source = source.without(METADATA_FIELDS + (TEXTS if skip_texts else ()))
+      self.sources[name] = source
+      self._checked_texts[name] = () if skip_texts else None  # None: the stage's texts (check_record)
     self.sampler = MixtureSampler({n: len(s) for n, s in self.sources.items()}, mixture, process_index,
                                   process_count)
     self.cfg, self.strict, self.seed = preprocess, strict, mixture.seed
@@ -72,8 +82,6 @@ class InputPipeline:
       agree_length = _Limits(limits)
     self.agree_length, self.process_index = agree_length, process_index
     self.batcher = Batcher(tokenizer, preprocess, process_index=process_index)  # agreeing is `finish`'s
-    self.with_ids = {name: _uses_ids(name, source, preprocess, tokenizer, tokenizer_fingerprint)
-                     for name, source in self.sources.items()}
     self._bad = collections.Counter()
 
   def __iter__(self) -> "InputPipeline":
@@ -126,7 +134,7 @@ class InputPipeline:
     for s in np.unique(plan.sources).tolist():
       name, rows = self.sampler.names[s], np.flatnonzero(plan.sources == s)
       for r, record in zip(rows.tolist(), self._fetch(name, plan.indices[rows])):
-        if check_record(record, name, self.cfg) is None:
+        if check_record(record, name, self.cfg, self._checked_texts[name]) is None:
           records[r] = record
         else:  # counted and replaced
           records[r] = self._read(name, int(plan.indices[r]), SALT_REPLACE, plan.step, int(plan.rows[r]), record=record)
@@ -170,7 +178,7 @@ class InputPipeline:
     record drawn with `key`, so the replacement is the same on resume and on any host count."""
     for attempt in range(MAX_DRAWS):
       record = self.sources[name][index] if record is None else record
-      reason = check_record(record, name, self.cfg)
+      reason = check_record(record, name, self.cfg, self._checked_texts[name])
       if reason is None:
         return record
       if self.strict:

@@ -144,11 +144,14 @@ def _is_number(x) -> bool:
   return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def check_record(record: Mapping, source: str, cfg: PreprocessConfig) -> str | None:
+def check_record(record: Mapping, source: str, cfg: PreprocessConfig, texts: Sequence[str] | None = None
+                 ) -> str | None:
   """Why a record can't be used (a reason to count), or None. Builders already filter (the reasons shared
   with data_pipelines.records.REASONS mean the same); this catches what slipped through or was written by
-  other tools, plus what only the read side can judge: no_negatives, no_teacher_score, no_task."""
-  texts = ("query", "passage") if cfg.stage == 1 else ("query", "positive")
+  other tools, plus what only the read side can judge: no_negatives, no_teacher_score, no_task. `texts`:
+  the text fields to check (default: the stage's)."""
+  if texts is None:
+    texts = ("query", "passage") if cfg.stage == 1 else ("query", "positive")
   for key in texts:
     text = record.get(key)
     if text is None:
