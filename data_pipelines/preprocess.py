@@ -48,28 +48,35 @@ def pack_texts(lengths: Sequence[int], row_length: int, max_segments: int) -> tu
   lengths_T = np.asarray(lengths, np.int64).reshape(-1)
   if lengths_T.size and lengths_T.max() > row_length:
     raise ValueError(f"a text of {lengths_T.max()} tokens does not fit packed rows of {row_length}")
-  row_T, segment_T = np.empty(len(lengths_T), np.int64), np.empty(len(lengths_T), np.int64)
-  room_R, free_R = np.zeros(0, np.int64), np.zeros(0, np.int64)  # free tokens and segments of each open row
-  order = np.lexsort((np.arange(len(lengths_T)), -lengths_T))
-  starts = np.flatnonzero(np.diff(lengths_T[order], prepend=-1)).tolist() + [len(order)]
-  for start, end in zip(starts[:-1], starts[1:]):
-    n, texts = int(lengths_T[order[start]]), order[start:end]
-    fits_R = np.minimum(room_R // n, free_R) if n else free_R  # how many each open row takes
+  num_texts = len(lengths_T)
+  row_T, segment_T = np.empty(num_texts, np.int64), np.empty(num_texts, np.int64)
+  room_R, free_R = np.empty(num_texts, np.int64), np.empty(num_texts, np.int64)  # free tokens, segments
+  rows = 0  # open rows: room_R[:rows], free_R[:rows]
+  order = np.lexsort((np.arange(num_texts), -lengths_T))
+  sorted_lengths = lengths_T[order]
+  starts = np.flatnonzero(np.diff(sorted_lengths, prepend=-1)).tolist()
+  for start, end, n in zip(starts, starts[1:] + [num_texts], sorted_lengths[starts].tolist()):
+    texts = order[start:end]
+    fits_R = np.minimum(room_R[:rows] // n, free_R[:rows]) if n else free_R[:rows]  # how many each row takes
     taken_R = np.cumsum(fits_R)
-    placed = min(len(texts), int(taken_R[-1]) if len(taken_R) else 0)
+    placed = min(len(texts), int(taken_R[-1]) if rows else 0)
     if placed:
       j = np.arange(placed)
-      rows = np.searchsorted(taken_R, j, side="right")
-      row_T[texts[:placed]] = rows
-      segment_T[texts[:placed]] = max_segments - free_R[rows] + j - (taken_R - fits_R)[rows]
-      placed_R = np.bincount(rows, minlength=len(room_R))
-      free_R, room_R = free_R - placed_R, room_R - n * placed_R
+      at = np.searchsorted(taken_R, j, side="right")
+      row_T[texts[:placed]] = at
+      segment_T[texts[:placed]] = max_segments - free_R[at] + j - (taken_R - fits_R)[at]
+      placed_R = np.bincount(at, minlength=rows)
+      free_R[:rows] -= placed_R
+      room_R[:rows] -= n * placed_R
     if placed < len(texts):  # the rest opens rows that each take `per_row` of them
       rest = np.arange(len(texts) - placed)
       per_row = min(row_length // n if n else max_segments, max_segments)
-      row_T[texts[placed:]], segment_T[texts[placed:]] = len(room_R) + rest // per_row, rest % per_row
-      placed_R = np.bincount(rest // per_row)
-      free_R, room_R = np.concatenate([free_R, max_segments - placed_R]), np.concatenate([room_R, row_length - n * placed_R])
+      row_T[texts[placed:]], segment_T[texts[placed:]] = rows + rest // per_row, rest % per_row
+      new = -(-len(rest) // per_row)
+      last = len(rest) - per_row * (new - 1)  # the last new row may take fewer
+      free_R[rows:rows + new], room_R[rows:rows + new] = max_segments - per_row, row_length - n * per_row
+      free_R[rows + new - 1], room_R[rows + new - 1] = max_segments - last, row_length - n * last
+      rows += new
   return row_T, segment_T
 
 
