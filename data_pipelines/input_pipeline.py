@@ -67,11 +67,12 @@ class InputPipeline:
     # stores ids refused the same missing, non-string and empty texts (records.validated).
     self.sources, self._checked_texts = {}, {}
     for name, source in sources.items():
-      skip_texts = self.with_ids[name] and preprocess.stage == 1 and hasattr(source, "without")
+      self._checked_texts[name] = None  # the stage's texts (check_record)
       if hasattr(source, "without"):
+        skip_texts = self.with_ids[name] and preprocess.stage == 1
         source = source.without(METADATA_FIELDS + (TEXTS if skip_texts else ()))
+        self._checked_texts[name] = () if skip_texts else None
       self.sources[name] = source
-      self._checked_texts[name] = () if skip_texts else None  # None: the stage's texts (check_record)
     self.sampler = MixtureSampler({n: len(s) for n, s in self.sources.items()}, mixture, process_index,
                                   process_count)
     self.cfg, self.strict, self.seed = preprocess, strict, mixture.seed
@@ -117,7 +118,9 @@ class InputPipeline:
     query_prefixes = {name: None if cfg.instruct else cfg.prefix_pair(name)[0] for name in names}  # None: per record
     for row, s, record in zip(plan.rows.tolist(), plan.sources.tolist(), self._records(plan)):
       name = names[s]
-      query_prefix, passage_prefix = query_prefixes[name] or cfg.query_prefix(record, name), passage_prefixes[name]
+      query_prefix, passage_prefix = query_prefixes[name], passage_prefixes[name]
+      if query_prefix is None:
+        query_prefix = cfg.query_prefix(record, name)
       ids = self.with_ids[name]
       queries.append((query_prefix, record["query_ids"]) if ids else query_prefix + record["query"])
       if cfg.stage == 1:
@@ -137,7 +140,8 @@ class InputPipeline:
         if check_record(record, name, self.cfg, self._checked_texts[name]) is None:
           records[r] = record
         else:  # counted and replaced
-          records[r] = self._read(name, int(plan.indices[r]), SALT_REPLACE, plan.step, int(plan.rows[r]), record=record)
+          key = (SALT_REPLACE, plan.step, int(plan.rows[r]))
+          records[r] = self._read(name, int(plan.indices[r]), *key, record=record)
     return records
 
   def _group(self, name: str, record: Mapping, step: int, row: int

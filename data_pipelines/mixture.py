@@ -153,7 +153,7 @@ class MixtureSampler:
     self.probs = np.array([probs[n] for n in self.names])
     self._cum = np.cumsum(self.probs)
     self._cum[-1] = 1.0
-    self._name_keys = [name_key(n) for n in self.names]
+    self._name_keys = np.array([name_key(n) for n in self.names], np.int64)
     self.local_batch_size = cfg.global_batch_size // process_count
     self._local = slice(process_index * self.local_batch_size, (process_index + 1) * self.local_batch_size)
     self.step = 0
@@ -178,7 +178,7 @@ class MixtureSampler:
       self.consumed[s] += len(rows_s)
     src_b, pos_b = src_B[self._local], pos_B[self._local]
     epoch_b, within_b = np.divmod(pos_b, self.sizes[src_b])
-    idx_b = permute(within_b, self.sizes[src_b], seed, SALT_EPOCH, np.asarray(self._name_keys)[src_b], epoch_b)
+    idx_b = permute(within_b, self.sizes[src_b], seed, SALT_EPOCH, self._name_keys[src_b], epoch_b)
     plan = Plan(self.step, rows_B[self._local], src_b, idx_b)
     self.step += 1
     return plan

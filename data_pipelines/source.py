@@ -2,9 +2,9 @@
 
 The training path runs where TensorFlow is absent (the GPU machine), so this module finds the array_record
 files through `tfds.builder_from_directory(...)`, reads them with array_record's reader and parses each
-record's tf.Example bytes with tensorflow_datasets' own proto module: no TensorFlow anywhere. Records come back as the builders'
-schemas (see records.py) with Python types: str for text (TFDS returns bytes), float for scores, lists for
-sequences; stored token ids as int32 arrays. Order is TFDS's (shuffled at write time).
+record's tf.Example bytes with tensorflow_datasets' own proto module: no TensorFlow anywhere. Records come
+back as the builders' schemas (see records.py) with Python types: str for text (TFDS returns bytes), float
+for scores, lists for sequences; stored token ids as int32 arrays. Order is TFDS's (shuffled at write time).
 """
 from __future__ import annotations
 
@@ -52,9 +52,11 @@ class Source:
                fields: dict[str, tuple[str, bool]], build_report: dict[str, Any]):
     """shards: (array_record path, first record, record count) of each file of the split, in order."""
     self.name, self.split = name, split
+    self._shards = list(shards)
     self._paths = [path for path, _, _ in shards]
-    self._skips = np.array([skip for _, skip, _ in shards], np.int64)
-    self._ends = np.cumsum([take for _, _, take in shards], dtype=np.int64)
+    takes = np.array([take for _, _, take in shards], np.int64)
+    self._ends = np.cumsum(takes)  # record index → shard: searchsorted on the ends
+    self._offsets = np.array([skip for _, skip, _ in shards], np.int64) - (self._ends - takes)  # + index → position
     self._fields = fields  # feature → (proto list kind, is scalar)
     # Decoded by kind, so the common cases (one string, one ids array) skip the generic conversion.
     self._texts = [k for k, (kind, scalar) in fields.items() if kind == "bytes_list" and scalar]
@@ -68,8 +70,7 @@ class Source:
     """The same records without `fields`, which are then never decoded (the input pipeline skips the
     metadata fields it does not read: a sixth of a stage-1 record's decoding)."""
     kept = {key: spec for key, spec in self._fields.items() if key not in fields}
-    return Source(self.name, self.split, list(zip(self._paths, self._skips.tolist(), np.diff(self._ends, prepend=0).tolist())),
-                  kept, self.build_report)
+    return Source(self.name, self.split, self._shards, kept, self.build_report)
 
   def __getstate__(self) -> dict:
     return {k: v for k, v in self.__dict__.items() if k not in ("_readers", "_lock")}
@@ -92,7 +93,7 @@ class Source:
       bad = index_N[(index_N < 0) | (index_N >= len(self))][0]
       raise IndexError(f"{self!r}: record {bad} is out of range")
     shard_N = np.searchsorted(self._ends, index_N, side="right")
-    position_N = index_N - self._ends[shard_N] + np.diff(self._ends, prepend=0)[shard_N] + self._skips[shard_N]
+    position_N = index_N + self._offsets[shard_N]
     out = []
     with self._lock:
       for shard, position in zip(shard_N.tolist(), position_N.tolist()):
