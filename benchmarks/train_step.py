@@ -14,13 +14,15 @@ oversubscription: pin to fewer cores than are busy).
   python benchmarks/train_step.py --tiny       # seconds: smoke test of both code paths
   python benchmarks/train_step.py --gpu        # small/base/large, bf16, seq len 128, tokens/s, MFU, a base profile
 
---gpu (one prepared command, under 8 minutes on one H100/H200): per-device batches realistic for the card
+--gpu: per-device batches realistic for the card
 (--gpu_batch, 1024 / 512 / 256 pairs), bf16 activations with fp32 master params, dropout on. Rows per shape:
 `me5_jax` (the checkpoint's attention dropout 0.1: the explicit XLA softmax with dropout), `me5_jax fused`
 (attention_dropout=0: cuDNN's fused attention through jax.nn.dot_product_attention; hidden dropout stays),
 and the PyTorch peer at its best: transformers' BertModel in bf16 autocast with SDPA attention and fused
 AdamW, eager and `torch.compile`d (the faster is the ratio's reference). Each framework and shape runs in
-its own process. Then a jax.profiler trace of --profile_shape's step and its top operations by device time.
+its own process (--frameworks picks a subset). Then a jax.profiler trace of --profile_shape's step, in a
+process of its own, and its top operations by device time. On an H200 (2026-12-04) the torch rows of all
+three shapes took ~4.5 minutes and me5_jax's far longer: on a short lease, start with `--shapes small`.
 
 MFU = model FLOPs per step / (step time × peak dense bf16 FLOP/s, --peak_tflops, 989 for an H100/H200 SXM).
 Model FLOPs per token: 6 × (matmul params per layer × layers) + 12 × layers × seq len × hidden (the
@@ -212,17 +214,40 @@ def _measure(args, cfg: EncoderConfig, batch_size: int, seq_len: int, steps: int
   return sec, {fw: jax_where() if fw.startswith("me5_jax") else torch_where() for fw in frameworks}
 
 
-WORKER_TIMEOUT_S = 900  # one framework on one shape: compiles and rounds take minutes, a hang never ends
-
-
-def _measure_isolated(name: str, framework: str, profile_dir: str = "") -> tuple[float, str]:
-  """One framework on one shape in a fresh process: JAX's and torch's GPU memory pools never meet."""
+def _measure_isolated(name: str, framework: str, timeout_s: float, profile_dir: str = "") -> tuple[float, str]:
+  """One framework on one shape in a fresh process: JAX's and torch's GPU memory pools never meet. The
+  process's wall time (imports, compiles, rounds) goes to stderr as it ends, and into `where`: a lease on a
+  lent GPU is short, and the next run is sized from these."""
   cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], f"--one={name}:{framework}"]
   if profile_dir:
     cmd.append(f"--profile_dir={profile_dir}")
-  out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S).stdout
+  start = time.perf_counter()
+  out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=timeout_s).stdout
+  wall_s = time.perf_counter() - start
+  print(f"[{name} {framework}: process {wall_s:.0f} s]", file=sys.stderr, flush=True)
   result = json.loads(out.strip().splitlines()[-1])
-  return result["sec"], result["where"]
+  return result["sec"], f"{result['where']} ({wall_s:.0f} s)"
+
+
+def _exception_line(stderr: str) -> str:
+  """The raised exception's line of a traceback (JAX appends a note about its filtered frames after it)."""
+  lines = [line for line in stderr.strip().splitlines() if line and not line.startswith(" ")]
+  return next((line for line in reversed(lines) if "Error" in line or "Exception" in line), lines[-1] if lines else "")
+
+
+def _print_profile(args) -> None:
+  """--profile_shape's me5_jax step traced in a process of its own, after the table: a slow or failing
+  trace (CUPTI) costs no row."""
+  profile_dir = os.path.abspath(f"profile-{args.profile_shape}")
+  try:
+    _measure_isolated(args.profile_shape, "me5_jax", args.worker_timeout, profile_dir)
+    top = profiling.format_top_ops(profiling.top_ops(profile_dir), 25)
+  except (subprocess.CalledProcessError, subprocess.TimeoutExpired, FileNotFoundError) as e:
+    print(f"\nprofile of {args.profile_shape} failed: "
+          f"{_exception_line(e.stderr or '') if isinstance(e, subprocess.CalledProcessError) else e}")
+    return
+  print(f"\nme5_jax {args.profile_shape}: top operations by device time over 3 steps (trace in {profile_dir})")
+  print(top)
 
 
 def main() -> None:
@@ -233,8 +258,14 @@ def main() -> None:
                       help="each framework and shape in its own process (always on with --gpu)")
   parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # shape:framework, for --isolate
   parser.add_argument("--shapes", default="small,base,large", help="--gpu: which variants")
+  parser.add_argument("--frameworks", default="",
+                      help="comma-separated subset of me5_jax, 'me5_jax fused', torch, torch.compile (default: all "
+                           "four with --gpu, me5_jax and torch on CPU)")
   parser.add_argument("--gpu_batch", default="small=1024,base=512,large=256", help="--gpu: pairs per step")
-  parser.add_argument("--profile_shape", default="base", help="--gpu: the shape whose me5_jax step is profiled")
+  parser.add_argument("--profile_shape", default="base",
+                      help="--gpu: the shape whose me5_jax step is profiled after the table ('' = none)")
+  parser.add_argument("--worker_timeout", type=float, default=900,
+                      help="seconds for one framework on one shape (imports, compiles, rounds): a hang never ends")
   parser.add_argument("--profile_dir", default="", help=argparse.SUPPRESS)  # set for the profiled subprocess
   parser.add_argument("--batch", type=int, default=16, help="CPU: query-passage pairs per step")
   parser.add_argument("--seq_len", type=int, default=None, help="tokens per sequence (CPU 64, GPU 128)")
@@ -255,25 +286,24 @@ def main() -> None:
     sec, where = _measure(args, cfg, batch_size, seq_len, steps, [framework])
     print(json.dumps({"sec": sec[framework], "where": where[framework]}))
     return
-  frameworks = ["me5_jax", "me5_jax fused", "torch", "torch.compile"] if args.gpu else ["me5_jax", "torch"]
+  frameworks = (args.frameworks.split(",") if args.frameworks else
+                ["me5_jax", "me5_jax fused", "torch", "torch.compile"] if args.gpu else ["me5_jax", "torch"])
 
   isolate = args.isolate or args.gpu
   print(f"seq len {seq_len}, dropout {args.dropout}, "
         f"{'one process per framework and shape' if isolate else 'frameworks alternating in one process'}")
   print(f"{'shape':10} {'dtype':9} {'pairs':>5} {'framework':13} {'ms/step':>9} {'steps/s':>8} {'seq/s':>9} "
         f"{'tokens/s':>10} {'MFU':>6} {'jax/torch':>9}  where")
-  profiled_dir = ""
   for name, cfg, batch_size in shapes:
     if isolate:
       runs = {}
       for fw in frameworks:
-        profile_dir = ""
-        if args.gpu and fw == "me5_jax" and name == args.profile_shape:
-          profile_dir = profiled_dir = os.path.abspath(f"profile-{name}")
         try:
-          runs[fw] = _measure_isolated(name, fw, profile_dir)
+          runs[fw] = _measure_isolated(name, fw, args.worker_timeout)
         except subprocess.CalledProcessError as e:  # e.g. torch.compile failing: report, keep the others
-          print(f"{name} {fw}: failed ({e.returncode}): {(e.stderr or '').strip().splitlines()[-1:]}", flush=True)
+          print(f"{name} {fw}: failed ({e.returncode}): {_exception_line(e.stderr or '')}", flush=True)
+        except subprocess.TimeoutExpired:
+          print(f"{name} {fw}: no result within --worker_timeout={args.worker_timeout:.0f} s", flush=True)
       sec, where = {fw: r[0] for fw, r in runs.items()}, {fw: r[1] for fw, r in runs.items()}
     else:
       sec, where = _measure(args, cfg, batch_size, seq_len, steps, frameworks)
@@ -284,9 +314,8 @@ def main() -> None:
       ratio = f"{peer / s:8.2f}x" if fw.startswith("me5_jax") and peer else ""
       print(f"{name:10} {cfg.dtype:9} {batch_size:5d} {fw:13} {1e3 * s:9.1f} {1 / s:8.2f} {2 * batch_size / s:9.1f} "
             f"{2 * batch_size * seq_len / s:10.0f} {mfu:>6} {ratio:>9}  {where[fw]}", flush=True)
-  if profiled_dir:
-    print(f"\nme5_jax {args.profile_shape}: top operations by device time over 3 steps (trace in {profiled_dir})")
-    print(profiling.format_top_ops(profiling.top_ops(profiled_dir), 25))
+  if args.gpu and args.profile_shape in {name for name, _, _ in shapes}:
+    _print_profile(args)
 
 
 if __name__ == "__main__":

@@ -136,6 +136,14 @@ class AttentionMask(struct.PyTreeNode):
       return self.keep_Bx1xQxL
     return (jnp.arange(length) < self.lengths_B[:, None])[:, None, None, :]
 
+  def query_by_key(self, length: int):
+    """The mask array for jax.nn.dot_product_attention, [B, 1, L, L], or None (key lengths). A key mask is
+    broadcast over the queries: cuDNN's kernel (JAX 0.11, "auto" on a GPU) rejects a [B, 1, 1, L] mask
+    ("Bias must have same seq length as QKV") instead of falling back; XLA fuses the broadcast away."""
+    if self.keep_Bx1xQxL is None:
+      return None
+    return jnp.broadcast_to(self.keep_Bx1xQxL, self.keep_Bx1xQxL.shape[:2] + (length, length))
+
   def segment_ids(self, length: int):
     """[B, L] int32 segment ids (me5_jax.splash): packed rows' own, else 1 = a token, 0 = padding. Padding
     then attends to padding, where the XLA path lets it attend to the text: only padded positions' hidden
@@ -183,8 +191,8 @@ class SelfAttention(nn.Module):
       ctx_BxLxHxK = splash.attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask.segment_ids(x_BxLxD.shape[1]))
     else:
       ctx_BxLxHxK = jax.nn.dot_product_attention(
-          q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask=mask.keep_Bx1xQxL, key_value_seq_lengths=mask.lengths_B,
-          implementation=cfg.attention_impl)
+          q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask=mask.query_by_key(x_BxLxD.shape[1]),
+          key_value_seq_lengths=mask.lengths_B, implementation=cfg.attention_impl)
     return ctx_BxLxHxK.reshape(x_BxLxD.shape[:2] + (cfg.hidden_size,))
 
 
