@@ -13,6 +13,12 @@ written dataset is record for record the one-process build's. Each span's `recor
 side output; `BuildReport.merge` combines them into exactly the report one process would have written,
 which the builder stores in metadata.json (`REPORT_FILE`, a file in the dataset's folder while it builds).
 
+On a cluster (Dataflow, Spark, Flink) the workers read what the launching machine names: `--files` and
+`--data-dir` on storage they reach (gs://..., through etils.epath), and me5_jax installed in their image
+(`--sdk_container_image`, or `--extra_package` with this package's wheel). The tokenizer needs no path
+there: it travels inside the pickled `_ReadSpan` (XLM-R's: ~9 MB of Dataflow's job graph; past the
+service's limit, `--experiments=upload_graph` stages the graph instead). Only local runs are tested here.
+
 In strict mode the first bad record a worker meets fails the pipeline; `strict_error` finds its
 `FILE:LINE: reason: detail` in the runner's error, which carries the worker's traceback as text.
 """
@@ -71,15 +77,11 @@ class _ReadSpan(beam.DoFn):
   """A span of one input file → its valid (key, example)s, and its BuildReport on the side output."""
 
   def __init__(self, parse: Callable[[Any], dict[str, Any]], files: Sequence[str], strict: bool,
-               tokenizer_dir: str | None, max_tokens: int):
+               pretokenizer: pretokenized.Pretokenizer | None, max_tokens: int):
+    """pretokenizer travels inside the pickled DoFn (HF tokenizers pickle as their JSON): a Dataflow or
+    Spark worker has no copy of the launching machine's tokenizer folder."""
     self.parse, self.files, self.strict = parse, list(files), strict
-    self.tokenizer_dir, self.max_tokens = tokenizer_dir, max_tokens
-    self.pretokenizer = None
-
-  def setup(self):
-    if self.tokenizer_dir:
-      from me5_jax.tokenize import Tokenizer
-      self.pretokenizer = pretokenized.Pretokenizer(Tokenizer.from_dir(self.tokenizer_dir))
+    self.pretokenizer, self.max_tokens = pretokenizer, max_tokens
 
   def process(self, item: tuple[int, readers.Span], first_lines: dict[tuple[int, int], int]):
     file_index, span = item
@@ -118,15 +120,15 @@ def _write_report(report: dict[str, Any], path: str) -> None:
 
 
 class ReadFiles(beam.PTransform):
-  """files → PCollection of (key, example): valid records parsed by `parse`, with token ids when
-  `tokenizer_dir` is given; the merged report (BuildReport.to_json) is written to `report_path`."""
+  """files → PCollection of (key, example): valid records parsed by `parse`, with token ids when a
+  `pretokenizer` is given; the merged report (BuildReport.to_json) is written to `report_path`."""
 
   def __init__(self, files: Sequence[str], parse: Callable[[Any], dict[str, Any]], *, strict: bool,
-               report_path: str, tokenizer_dir: str | None = None,
+               report_path: str, pretokenizer: pretokenized.Pretokenizer | None = None,
                max_tokens: int = pretokenized.DEFAULT_MAX_TOKENS, span_bytes: int = SPAN_BYTES):
     super().__init__()
     self.files, self.parse, self.strict = list(files), parse, strict
-    self.report_path, self.tokenizer_dir, self.max_tokens = report_path, tokenizer_dir, max_tokens
+    self.report_path, self.pretokenizer, self.max_tokens = report_path, pretokenizer, max_tokens
     self.span_bytes = span_bytes
 
   def expand(self, pbegin):
@@ -138,7 +140,7 @@ class ReadFiles(beam.PTransform):
                    | "AllCounts" >> beam.combiners.ToList()
                    | "FirstLines" >> beam.Map(_first_lines))
     read = spans | "Read" >> beam.ParDo(
-        _ReadSpan(self.parse, self.files, self.strict, self.tokenizer_dir, self.max_tokens),
+        _ReadSpan(self.parse, self.files, self.strict, self.pretokenizer, self.max_tokens),
         first_lines=beam.pvalue.AsSingleton(first_lines)).with_outputs(_REPORT_TAG, main="examples")
     _ = (read[_REPORT_TAG]
          | "MergeReports" >> beam.CombineGlobally(_MergeReports(self.files))

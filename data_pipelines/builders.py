@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 from typing import Any, Sequence
 
 import numpy as np
@@ -111,7 +110,8 @@ class _FilesBuilder(_ReportingBuilder, skip_registration=True):
     tokenizer = self.tokenizer_info or {}
     return {"train": beam_build.ReadFiles(
         self.files, self._parser(), strict=self.report.strict, report_path=self._report_path(),
-        tokenizer_dir=tokenizer.get("dir"), max_tokens=tokenizer.get("max_tokens", pretokenized.DEFAULT_MAX_TOKENS),
+        pretokenizer=self.pretokenizer,
+        max_tokens=tokenizer.get("max_tokens", pretokenized.DEFAULT_MAX_TOKENS),
         span_bytes=self.span_bytes or beam_build.SPAN_BYTES)}
 
   def _report_path(self) -> str:
@@ -249,11 +249,11 @@ def build(name: str, data_dir: str, files: Sequence[str] = (), *, strict: bool =
       pipeline_options = beam_build.pipeline_options(beam_options or "")
     except ValueError as e:
       raise readers.InputError(f"--beam-options {beam_options!r}: {e}") from None
-  path = dataset_path(data_dir, name)
-  if os.path.exists(path):
+  path = epath.Path(dataset_path(data_dir, name))  # a local folder, or gs://... for a cluster's build
+  if path.exists():
     if not overwrite:
       raise readers.InputError(f"{path} exists; pass overwrite=True (--overwrite) to rebuild it")
-    shutil.rmtree(path)
+    path.rmtree()
   builder_cls = {"me5_pairs": Me5Pairs, "me5_stage2": Me5Stage2, "me5_bible": Me5Bible}[builder_name]
   builder = builder_cls(data_dir=data_dir, config=config, **kwargs)
   download_config = tfds.download.DownloadConfig(try_download_gcs=False)

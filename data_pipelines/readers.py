@@ -5,6 +5,9 @@ Readers therefore never raise on a bad line: they yield a `Row` whose `error` na
 `records.py` decides (skip and count, or stop in strict mode). Problems with a whole file (missing,
 unreadable, unknown format, a TSV header without the needed columns) are raised by `check_files` before
 any work starts. Blank lines are not records and are passed over silently.
+
+Paths go through etils.epath: a local path opens as a plain file, and gs:// (or s3://) paths, which
+the workers of a cluster build (Dataflow, Spark) read, open through epath's TF or fsspec backends.
 """
 from __future__ import annotations
 
@@ -12,6 +15,8 @@ import dataclasses
 import json
 import os
 from typing import Any, Iterator, Sequence
+
+from etils import epath
 
 MAX_RECORD_BYTES = 1 << 20  # records above 1 MB are skipped as `oversized`
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".tsv": "tsv", ".parquet": "parquet"}
@@ -54,7 +59,7 @@ def columns(path: str, fmt: str | None = None) -> list[str] | None:
   """Column names of a TSV (header row) or Parquet (schema) file; None for JSONL, whose keys vary by line."""
   fmt = fmt or file_format(path)
   if fmt == "tsv":
-    with open(path, "rb") as f:
+    with epath.Path(path).open("rb") as f:
       header = f.readline()
     try:
       return header.decode("utf-8").rstrip("\r\n").split("\t") if header.strip() else []
@@ -63,7 +68,8 @@ def columns(path: str, fmt: str | None = None) -> list[str] | None:
   if fmt == "parquet":
     import pyarrow.parquet as pq
     try:
-      return list(pq.read_schema(path).names)
+      with epath.Path(path).open("rb") as f:
+        return list(pq.read_schema(f).names)
     except Exception as e:  # pyarrow raises several types for a damaged footer
       raise InputError(f"{path}: not a readable Parquet file ({e})") from None
   return None
@@ -78,10 +84,12 @@ def check_files(paths: Sequence[str], required: Sequence[Sequence[str]] = (), fm
   if not paths:
     raise InputError("no input files given")
   for path in paths:
-    if not os.path.isfile(path):
+    if not epath.Path(path).is_file():
       raise InputError(f"{path}: no such file")
-    if not os.access(path, os.R_OK):
-      raise InputError(f"{path}: not readable (permissions)")
+    try:
+      epath.Path(path).open("rb").close()
+    except OSError as e:
+      raise InputError(f"{path}: not readable ({e.strerror or e})") from None
     names = columns(path, fmt)
     if names is None:
       continue
@@ -96,16 +104,16 @@ def read_rows(path: str, fmt: str | None = None, span: Span | None = None) -> It
   only the rows of the lines starting in it (JSONL and TSV; a Parquet file's one span is all of it)."""
   fmt = fmt or file_format(path)
   if fmt == "parquet":
-    if span is not None and (span.start, span.end) != (0, os.path.getsize(path)):
+    if span is not None and (span.start, span.end) != (0, _size_of(path)):
       raise ValueError(f"{path}: Parquet files are read whole, not in spans")
     return _parquet_rows(path)
-  return {"jsonl": _jsonl_rows, "tsv": _tsv_rows}[fmt](path, span or Span(0, os.path.getsize(path)))
+  return {"jsonl": _jsonl_rows, "tsv": _tsv_rows}[fmt](path, span or Span(0, _size_of(path)))
 
 
 def spans(path: str, span_bytes: int, fmt: str | None = None) -> list[Span]:
   """`path` cut into spans of about `span_bytes` (the whole file for Parquet); their `first_line` is 1
   until the lines before them are counted (`lines_in`)."""
-  size = os.path.getsize(path)
+  size = _size_of(path)
   if (fmt or file_format(path)) == "parquet" or size <= span_bytes:
     return [Span(0, size)]
   return [Span(start, min(start + span_bytes, size)) for start in range(0, size, span_bytes)]
@@ -117,7 +125,7 @@ def lines_in(path: str, span: Span, fmt: str | None = None, block_bytes: int = 1
   if (fmt or file_format(path)) == "parquet":
     return 0
   count = int(span.start == 0)
-  with open(path, "rb") as f:
+  with epath.Path(path).open("rb") as f:
     f.seek(max(span.start - 1, 0))
     remaining = span.end - 1 - max(span.start - 1, 0)  # a newline at byte p starts a line at p + 1
     while remaining > 0:
@@ -129,9 +137,13 @@ def lines_in(path: str, span: Span, fmt: str | None = None, block_bytes: int = 1
   return count
 
 
+def _size_of(path: str) -> int:
+  return epath.Path(path).stat().length
+
+
 def _lines(path: str, span: Span) -> Iterator[tuple[int, bytes]]:
   """(1-based line number, line without its line ending) for the non-blank lines starting in `span`."""
-  with open(path, "rb") as f:
+  with epath.Path(path).open("rb") as f:
     if span.start > 0:  # a line starts here only if the byte before is a newline
       f.seek(span.start - 1)
       if f.read(1) != b"\n":
@@ -200,11 +212,12 @@ def _size(value: Any) -> int:
 def _parquet_rows(path: str, batch_rows: int = 4096) -> Iterator[Row]:
   import pyarrow.parquet as pq
   number = 0
-  for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows):
-    for value in batch.to_pylist():
-      number += 1
-      size = _size(value)
-      if size > MAX_RECORD_BYTES:
-        yield Row(path, number, error="oversized", detail=f"{size} bytes > {MAX_RECORD_BYTES}")
-      else:
-        yield Row(path, number, value)
+  with epath.Path(path).open("rb") as f:
+    for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows):
+      for value in batch.to_pylist():
+        number += 1
+        size = _size(value)
+        if size > MAX_RECORD_BYTES:
+          yield Row(path, number, error="oversized", detail=f"{size} bytes > {MAX_RECORD_BYTES}")
+        else:
+          yield Row(path, number, value)

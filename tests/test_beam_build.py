@@ -6,13 +6,14 @@ lines then spread over both workers.
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from data_pipelines import builders, readers, records
+from data_pipelines import beam_build, builders, readers, records
 from test_data_builders import damaged_inputs, read_all, texts, write_jsonl
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,8 +56,10 @@ def test_two_workers_write_the_one_process_records_and_report(tmp_path):
 
 
 @pytest.mark.timeout(420)
-def test_stage2_with_token_ids_in_many_spans(tmp_path):
-  """Stage 2 with every stage-2 damage kind, token ids stored, JSONL cut into spans of 200 bytes."""
+def test_stage2_with_token_ids_in_many_spans(tmp_path, monkeypatch):
+  """Stage 2 with every stage-2 damage kind, token ids stored, JSONL cut into spans of 200 bytes. The
+  tokenizer folder is gone once the pipeline is made: a cluster's workers have no copy of it, the
+  tokenizer travels inside the pickled DoFn."""
   from conftest import realdata_path
   ok = {"query": "q", "positive": "p", "negatives": ["n1", "n2"]}
   damaged = [{**ok, "negatives": "n1"}, {**ok, "negatives": None}, {**ok, "negatives": ["n1", 3]},
@@ -71,9 +74,19 @@ def test_stage2_with_token_ids_in_many_spans(tmp_path):
   path = write_jsonl(tmp_path / "s2.jsonl", rows)
   tokenizer = realdata_path("me5-small-q4")
   single = builders.build("stage2", str(tmp_path / "one"), [path], tokenizer_dir=tokenizer, max_tokens=16)
-  beam = builders.build("stage2", str(tmp_path / "beam"), [path], tokenizer_dir=tokenizer, max_tokens=16,
+  launcher_copy = shutil.copytree(tokenizer, tmp_path / "launcher_tokenizer")
+  expand = beam_build.ReadFiles.expand
+
+  def expand_then_remove_tokenizer(self, pbegin):
+    shutil.rmtree(launcher_copy)
+    return expand(self, pbegin)
+  monkeypatch.setattr(beam_build.ReadFiles, "expand", expand_then_remove_tokenizer)
+  beam = builders.build("stage2", str(tmp_path / "beam"), [path], tokenizer_dir=str(launcher_copy), max_tokens=16,
                         beam_runner="DirectRunner", beam_options=TWO_WORKERS, span_bytes=200)
+  assert not launcher_copy.exists()
   assert len(readers.spans(path, 200)) > 20
+  assert beam["tokenizer"].pop("dir") == str(launcher_copy)
+  single["tokenizer"].pop("dir")
   assert without_path(beam) == without_path(single)
   assert beam["valid"] == len(good) and set(beam["skipped"]) == {"bad_negatives", "missing_field", "non_string",
                                                                   "empty_text", "bad_score"}
