@@ -163,7 +163,7 @@ def check_record(record: Mapping, source: str, cfg: PreprocessConfig, texts: Seq
     text = record.get(key)
     if text is None:
       return "missing_field"
-    if not isinstance(text, str):
+    if not _is_text(text):
       return "non_string"
     if not text.strip():
       return "empty_text"

@@ -84,10 +84,11 @@ def check_files(paths: Sequence[str], required: Sequence[Sequence[str]] = (), fm
   if not paths:
     raise InputError("no input files given")
   for path in paths:
-    if not epath.Path(path).is_file():
+    file = epath.Path(path)
+    if not file.is_file():
       raise InputError(f"{path}: no such file")
     try:
-      epath.Path(path).open("rb").close()
+      file.open("rb").close()
     except OSError as e:
       raise InputError(f"{path}: not readable ({e.strerror or e})") from None
     names = columns(path, fmt)
