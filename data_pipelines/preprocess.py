@@ -4,15 +4,16 @@ tokenization, padding to a few bucket lengths (DESIGN.md "Batch contract").
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from typing import Callable, Mapping, Sequence, Union
 
 import numpy as np
 
-from data_pipelines.batch import hash_ids, is_packed, slots_per_row
+from data_pipelines.batch import hash_ragged, is_packed, slots_per_row
 from data_pipelines.mixture import hash64
 from data_pipelines.pretokenized import Pretokenizer
-from me5_jax.tokenize import PASSAGE_PREFIX, QUERY_PREFIX, Tokenizer, instruct_query
+from me5_jax.tokenize import PASSAGE_PREFIX, QUERY_PREFIX, Tokenizer, instruct_query, pad_ragged
 
 # Symmetric pair types (translations): "query: " on both sides, as the model card asks for bitext, and as
 # the evaluation harness embeds both columns.
@@ -245,23 +246,21 @@ class Batcher:
     self.agree_length, self.process_index = agree_length, process_index
     self.pretokenizer = None  # made on the first pre-tokenized text
 
-  def _token_rows(self, items: list[Text], max_length: int):
-    """Every item's row, padded to max_length: (ids_NxL, mask_NxL) int32. Texts are tokenized; (prefix, ids)
-    items only get their prefix and special tokens, a whole batch at a time (Pretokenizer.pad)."""
+  def _ragged(self, items: list[Text], max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every item's row, truncated to max_length, as one flat int32 array, row after row, and the rows'
+    lengths. Texts are tokenized; (prefix, ids) items only get their prefix and special tokens, a whole
+    batch at a time (Pretokenizer.ragged)."""
     kinds = set(map(type, items))  # a batch's texts are usually all one kind
     if str not in kinds:
-      return self._pretokenizer().pad(items, max_length)
+      return self._pretokenizer().ragged(items, max_length)
     if kinds == {str}:
-      return self.tokenizer.pad(self._tokenized(items, max_length), max_length)
+      rows = self._tokenized(items, max_length)
+      lengths_N = np.fromiter(map(len, rows), np.int64, len(rows))
+      return np.fromiter(itertools.chain.from_iterable(rows), np.int32, int(lengths_N.sum())), lengths_N
     texts = [i for i, item in enumerate(items) if isinstance(item, str)]
     stored = [i for i, item in enumerate(items) if not isinstance(item, str)]
-    stored_rows = self._pretokenizer().pad([items[i] for i in stored], max_length)
-    ids_NxL = np.empty((len(items), stored_rows[0].shape[1]), np.int32)
-    mask_NxL = np.empty_like(ids_NxL)
-    text_rows = self.tokenizer.pad(self._tokenized([items[i] for i in texts], max_length), ids_NxL.shape[1])
-    for at, (ids, mask) in ((texts, text_rows), (stored, stored_rows)):
-      ids_NxL[at], mask_NxL[at] = ids, mask
-    return ids_NxL, mask_NxL
+    return _interleave([(at, self._ragged([items[i] for i in at], max_length)) for at in (texts, stored)],
+                       len(items))
 
   def _pretokenizer(self):
     if self.pretokenizer is None:
@@ -279,10 +278,10 @@ class Batcher:
       rows[i] = r
     return rows
 
-  def _tokenize(self, texts: list[Text], max_length: int, buckets: Sequence[int]):
-    ids_NxL, mask_NxL = self._token_rows(texts, max_length)
-    length = pick_bucket(int(mask_NxL.sum(1).max(initial=1)), buckets)
-    return np.ascontiguousarray(ids_NxL[:, :length]), np.ascontiguousarray(mask_NxL[:, :length])
+  def _padded(self, tokens_K: np.ndarray, lengths_N: np.ndarray, buckets: Sequence[int]):
+    """Ragged rows padded to the smallest bucket that holds them all: (ids_NxL, mask_NxL)."""
+    length = pick_bucket(int(lengths_N.max(initial=1)), buckets)
+    return pad_ragged(tokens_K, lengths_N, self.tokenizer.pad_id, length)
 
   def __call__(self, queries: list[Text], passages: list[Text], teacher_BxG: np.ndarray | None = None):
     """queries: B texts; passages: B·G texts, row-major (row i's group is passages[i·G:(i+1)·G])."""
@@ -297,27 +296,27 @@ class Batcher:
     b, g = len(queries), self.cfg.group_size
     if self.cfg.pack_rows:
       return self._packed(queries, passages, teacher_BxG)
-    query_ids, query_mask = self._tokenize(queries, self.cfg.max_query_length, self.query_buckets)
-    ids_NxL, mask_NxL = self._tokenize(passages, self.cfg.max_passage_length, self.passage_buckets)
+    query_ids, query_mask = self._padded(*self._ragged(queries, self.cfg.max_query_length), self.query_buckets)
+    tokens_K, lengths_N = self._ragged(passages, self.cfg.max_passage_length)
+    ids_NxL, mask_NxL = self._padded(tokens_K, lengths_N, self.passage_buckets)
     batch = {"query_ids": query_ids, "query_mask": query_mask,
              "passage_ids": ids_NxL.reshape(b, g, -1), "passage_mask": mask_NxL.reshape(b, g, -1),
-             "passage_hash": hash_ids(ids_NxL, mask_NxL).reshape(b, g, 2)}
+             "passage_hash": hash_ragged(tokens_K, lengths_N).reshape(b, g, 2)}
     if teacher_BxG is not None:
       batch["teacher_scores"] = np.asarray(teacher_BxG, np.float32).reshape(b, g)
     return batch
 
   def _packed(self, queries: list[Text], passages: list[Text], teacher_BxG: np.ndarray | None) -> dict:
     cfg, b, g = self.cfg, len(queries), self.cfg.group_size
-    row_length = max(cfg.max_query_length, cfg.max_passage_length)
-    q_ids, q_mask = self._token_rows(queries, cfg.max_query_length)
-    p_ids, p_mask = self._token_rows(passages, cfg.max_passage_length)
-    widen = lambda x, value: np.pad(x, ((0, 0), (0, row_length - x.shape[1])), constant_values=value)  # noqa: E731
-    ids_RxL, segments_RxL, slots_T = pack_token_rows(
-        np.concatenate([widen(q_ids, self.tokenizer.pad_id), widen(p_ids, self.tokenizer.pad_id)]),
-        np.concatenate([widen(q_mask, 0), widen(p_mask, 0)]), row_length, self.tokenizer.pad_id,
-        cfg.row_multiple, self.process_index)
+    q_tokens, q_lengths = self._ragged(queries, cfg.max_query_length)
+    p_tokens, p_lengths = self._ragged(passages, cfg.max_passage_length)
+    ids_RxL, segments_RxL, slots_T = pack_ragged(
+        np.concatenate([q_tokens, p_tokens]), np.concatenate([q_lengths, p_lengths]),
+        max(cfg.max_query_length, cfg.max_passage_length), self.tokenizer.pad_id, cfg.row_multiple,
+        self.process_index)
     batch = {"packed_ids": ids_RxL, "packed_segments": segments_RxL, "query_slots": slots_T[:b],
-             "passage_slots": slots_T[b:].reshape(b, g), "passage_hash": hash_ids(p_ids, p_mask).reshape(b, g, 2)}
+             "passage_slots": slots_T[b:].reshape(b, g),
+             "passage_hash": hash_ragged(p_tokens, p_lengths).reshape(b, g, 2)}
     if teacher_BxG is not None:
       batch["teacher_scores"] = np.asarray(teacher_BxG, np.float32).reshape(b, g)
     return batch
@@ -351,11 +350,19 @@ def agree_shapes(batch: dict, agree_length: Callable[[str, int], int], process_i
 
 def pack_token_rows(ids_TxW: np.ndarray, mask_TxW: np.ndarray, row_length: int, pad_id: int,
                     row_multiple: int = 1, process_index: int = 0):
-  """Token rows (padded, `Tokenizer.pad`) → (ids_RxL, segments_RxL, slots_T): the packed layout of Batcher,
-  R a multiple of row_multiple (before `agree_shapes`); slot t = (global row of text t) · S + its segment − 1.
-  Texts are placed with array operations over all tokens at once."""
+  """`pack_ragged` of token rows padded as `Tokenizer.pad` gives them."""
   keep_TxW = np.asarray(mask_TxW).astype(bool)
-  lengths_T = keep_TxW.sum(1)
+  return pack_ragged(np.asarray(ids_TxW)[keep_TxW], keep_TxW.sum(1), row_length, pad_id, row_multiple,
+                     process_index)
+
+
+def pack_ragged(tokens_K: np.ndarray, lengths_T: np.ndarray, row_length: int, pad_id: int, row_multiple: int = 1,
+                process_index: int = 0):
+  """T texts' rows, one flat array of their tokens, text after text, and their lengths → (ids_RxL,
+  segments_RxL, slots_T): the packed layout of Batcher, R a multiple of row_multiple (before
+  `agree_shapes`); slot t = (global row of text t) · S + its segment − 1. Texts are placed with array
+  operations over all tokens at once."""
+  lengths_T = np.asarray(lengths_T, np.int64)
   num_slots = slots_per_row(row_length)
   row_T, segment_T = pack_texts(lengths_T, row_length, num_slots)
   num_rows = -(-int(row_T.max(initial=-1) + 1) // row_multiple) * row_multiple
@@ -366,7 +373,24 @@ def pack_token_rows(ids_TxW: np.ndarray, mask_TxW: np.ndarray, row_length: int, 
   filled_RxL = np.arange(row_length) < used_R[:, None]
   ids_RxL = np.full((num_rows, row_length), pad_id, np.int32)
   segments_RxL = np.zeros((num_rows, row_length), np.int32)
-  ids_RxL[filled_RxL] = np.asarray(ids_TxW)[order_O][keep_TxW[order_O]]
-  segments_RxL[filled_RxL] = np.repeat(segment_T[order_O] + 1, lengths_T[order_O])
+  lengths_O = lengths_T[order_O]
+  starts_O = (np.cumsum(lengths_T) - lengths_T)[order_O]  # where each text's tokens start in tokens_K
+  ids_RxL[filled_RxL] = tokens_K[np.repeat(starts_O - (np.cumsum(lengths_O) - lengths_O), lengths_O)
+                                 + np.arange(int(lengths_O.sum()))]
+  segments_RxL[filled_RxL] = np.repeat(segment_T[order_O] + 1, lengths_O)
   slots_T = ((process_index * num_rows + row_T) * num_slots + segment_T).astype(np.int32)
   return ids_RxL, segments_RxL, slots_T
+
+
+def _interleave(parts: Sequence[tuple[Sequence[int], tuple[np.ndarray, np.ndarray]]], n: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+  """Ragged rows (tokens, lengths) of disjoint subsets of n items, each with its items' positions, → the
+  ragged rows of all n items in position order (a batch mixing tokenized texts and stored ids)."""
+  lengths_N = np.zeros(n, np.int64)
+  for at, (_, lengths) in parts:
+    lengths_N[list(at)] = lengths
+  starts_N = np.cumsum(lengths_N) - lengths_N
+  tokens_K = np.empty(int(lengths_N.sum()), np.int32)
+  for at, (tokens, lengths) in parts:
+    tokens_K[np.repeat(starts_N[list(at)] - (np.cumsum(lengths) - lengths), lengths) + np.arange(len(tokens))] = tokens
+  return tokens_K, lengths_N

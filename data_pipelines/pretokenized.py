@@ -62,6 +62,7 @@ class Pretokenizer:
     empty = tokenizer.backend.encode("").ids  # the special tokens around nothing: head + tail
     head_length = _head_length(tokenizer)
     self.head, self.tail = np.asarray(empty[:head_length], np.int32), np.asarray(empty[head_length:], np.int32)
+    self.specials = len(empty)  # tokens every row has besides its prefix and text
     self._prefix_ids: dict[str, np.ndarray] = {}  # a handful of prefixes (and instruct tasks) per run
 
   def check_word_by_word(self) -> None:
@@ -108,21 +109,21 @@ class Pretokenizer:
   def check_max_length(self, max_length: int, max_tokens: int, what: str = "max length") -> None:
     """Rows of `max_length` need at most max_length - specials ids of a text: more than a build that cut
     texts to `max_tokens` stored, and a long text would silently end early."""
-    if max_length - len(self.head) - len(self.tail) > max_tokens:
-      raise ValueError(f"{what} {max_length} needs up to {max_length - len(self.head) - len(self.tail)} ids per "
+    if max_length - self.specials > max_tokens:
+      raise ValueError(f"{what} {max_length} needs up to {max_length - self.specials} ids per "
                        f"text, but the dataset stores at most {max_tokens} (rebuild with a larger --max-tokens)")
 
   def row(self, prefix: str, ids: Sequence[int], max_length: int) -> np.ndarray:
     """The ids of `prefix + text` with special tokens (int32), truncated to `max_length` as the tokenizer
     does (exact when `ids` were stored with max_tokens ≥ max_length - specials: `check_max_length`)."""
-    ids_1xL, mask_1xL = self.pad([(prefix, ids)], max_length)
-    return ids_1xL[0, :mask_1xL.sum()]
+    return self.ragged([(prefix, ids)], max_length)[0]
 
-  def pad(self, items: Sequence[tuple[str, Sequence[int]]], max_length: int):
-    """`row` of every (prefix, ids) item, padded: (ids_NxL, mask_NxL) int32, L = max_length (what
-    `Tokenizer.pad` gives for the rows), built with a few array operations for the whole batch, not per row."""
+  def ragged(self, items: Sequence[tuple[str, Sequence[int]]], max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """`row` of every (prefix, ids) item as one flat int32 array, row after row, and the rows' lengths
+    (int64): built with a few array operations for the whole batch, not per row, and never padded (the
+    packed layout places these rows straight into its own; `tokenize.pad_ragged` pads them)."""
     n, head, tail = len(items), len(self.head), len(self.tail)
-    room = max(max_length - head - tail, 0)
+    room = max(max_length - self.specials, 0)
     prefix_N, texts = zip(*items) if n else ((), ())
     distinct = list(dict.fromkeys(prefix_N))  # the batch's few prefixes
     prefixes = [self.prefix_ids(prefix)[:room] for prefix in distinct]
@@ -132,22 +133,23 @@ class Pretokenizer:
       for code, prefix in enumerate(distinct[1:], 1):
         code_N[prefix_N == prefix] = code
     prefix_length_N = np.array([len(p) for p in prefixes], np.int64)[code_N] if n else code_N
-    stored_N = np.fromiter(map(len, texts), np.int64, n)
-    text_length_N = np.minimum(stored_N, room - prefix_length_N)
-    lengths_N = head + prefix_length_N + text_length_N + tail
-    ids_NxL = np.full((n, max(max_length, head + tail)), self.tokenizer.pad_id, np.int32)
-    ids_NxL[:, :head] = self.head
+    text_length_N = np.minimum(np.fromiter(map(len, texts), np.int64, n), room - prefix_length_N)
+    lengths_N = self.specials + prefix_length_N + text_length_N
+    starts_N = np.cumsum(lengths_N) - lengths_N
+    tokens_K = np.empty(int(lengths_N.sum()), np.int32)
+    for k, token in enumerate(self.head.tolist()):
+      tokens_K[starts_N + k] = token
     for code, prefix_ids in enumerate(prefixes):
-      ids_NxL[code_N == code, head:head + len(prefix_ids)] = prefix_ids
-    # The text tokens fill, row by row, the columns between the row's prefix and its tail.
-    columns_L = np.arange(ids_NxL.shape[1])
-    text_start_N = head + prefix_length_N
-    text_NxL = (columns_L >= text_start_N[:, None]) & (columns_L < (text_start_N + text_length_N)[:, None])
-    if n:
-      ids_NxL[text_NxL] = np.concatenate([ids[:k] for ids, k in zip(texts, text_length_N.tolist())])
+      at = starts_N[code_N == code] + head
+      tokens_K[at[:, None] + np.arange(len(prefix_ids))] = prefix_ids
+    # Each text's tokens go between its row's prefix and its tail.
+    text_tokens = np.concatenate([ids[:k] for ids, k in zip(texts, text_length_N.tolist())]) if n else tokens_K[:0]
+    text_starts_N = starts_N + head + prefix_length_N
+    tokens_K[np.repeat(text_starts_N - (np.cumsum(text_length_N) - text_length_N), text_length_N)
+             + np.arange(len(text_tokens))] = text_tokens
     for k, token in enumerate(self.tail.tolist()):
-      ids_NxL[np.arange(n), lengths_N - tail + k] = token
-    return ids_NxL, (np.arange(ids_NxL.shape[1]) < lengths_N[:, None]).astype(np.int32)
+      tokens_K[starts_N + lengths_N - tail + k] = token
+    return tokens_K, lengths_N
 
 
 def _head_length(tokenizer: Tokenizer) -> int:

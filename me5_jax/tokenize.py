@@ -92,19 +92,27 @@ class Tokenizer:
 
 
 def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, pad_to: int | None = None):
-  """Token rows → (ids_BxL int32, mask_BxL int32), L = pad_to or the longest row rounded up to 8; filled
-  in one vectorised assignment (a row's tokens are the first mask-1 places of its row, in order)."""
+  """Token rows → (ids_BxL int32, mask_BxL int32), L = pad_to or the longest row rounded up to 8."""
   lengths_B = np.fromiter(map(len, rows), np.int64, len(rows))
+  if rows and isinstance(rows[0], np.ndarray):
+    tokens_K = np.concatenate(rows)
+  else:
+    tokens_K = np.fromiter(itertools.chain.from_iterable(rows), np.int32, int(lengths_B.sum()))
+  return pad_ragged(tokens_K, lengths_B, pad_id, pad_to)
+
+
+def pad_ragged(tokens_K: np.ndarray, lengths_B: np.ndarray, pad_id: int, pad_to: int | None = None):
+  """Rows given as one flat array, row after row, and their lengths → (ids_BxL int32, mask_BxL int32) as
+  `pad_rows` gives them, filled in one vectorised assignment (a row's tokens are the first mask-1 places of
+  its row, in order)."""
+  lengths_B = np.asarray(lengths_B, np.int64)
   longest = int(lengths_B.max(initial=1))
   length = pad_to or round_up(max(longest, 1), PAD_MULTIPLE)
   if longest > length:
     raise ValueError(f"a row of {longest} tokens does not fit pad_to={length}")
   keep_BxL = np.arange(length) < lengths_B[:, None]
-  ids_BxL = np.full((len(rows), length), pad_id, np.int32)
-  if rows and isinstance(rows[0], np.ndarray):
-    ids_BxL[keep_BxL] = np.concatenate(rows)
-  else:
-    ids_BxL[keep_BxL] = np.fromiter(itertools.chain.from_iterable(rows), np.int32, int(lengths_B.sum()))
+  ids_BxL = np.full((len(lengths_B), length), pad_id, np.int32)
+  ids_BxL[keep_BxL] = tokens_K
   return ids_BxL, keep_BxL.astype(np.int32)
 
 

@@ -1,5 +1,6 @@
 """Ids stored at build time + the read-time prefix equal tokenizing the prefixed text directly, for the real
 BERT WordPiece (all-MiniLM-L6-v2) and XLM-R sentencepiece (me5-small-q4) tokenizers, on multilingual text."""
+import numpy as np
 import pytest
 
 from data_pipelines import pretokenized
@@ -32,7 +33,8 @@ def test_stored_ids_plus_prefix_equal_direct_tokenization(tokenizer, bible_tsv, 
   stored = pre.text_ids(texts, max_tokens=512)
   for prefix in PREFIXES:
     want = tokenizer.token_ids([prefix + t for t in texts], max_length)
-    got = [pre.row(prefix, ids, max_length).tolist() for ids in stored]
+    tokens, lengths = pre.ragged([(prefix, ids) for ids in stored], max_length)  # a batch's rows at once
+    got = [row.tolist() for row in np.split(tokens, np.cumsum(lengths)[:-1])]
     mismatched = [(t, g, w) for t, g, w in zip(texts, got, want) if g != w]
     assert not mismatched, (prefix, mismatched[:3])
   assert max(len(ids) for ids in stored) == 512  # the long texts were cut to the stored maximum
