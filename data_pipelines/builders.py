@@ -30,6 +30,12 @@ from data_pipelines import bible, pretokenized, readers, records
 from data_pipelines.source import DATASETS, VERSION, dataset_path
 
 FILE_FORMAT = "array_record"
+# array_record options of a dataset that stores token ids. TFDS writes every record zstd-compressed
+# (group_size:1,zstd:3), and reading a record back then mostly decompresses it: a training host that reads
+# ids instead of tokenizing spends much of its time there (BENCHMARKS.md "input_pipeline": uncompressed, long
+# passages are read 1.25-1.6x as fast), for more disk. Text-only datasets, whose reads are dwarfed by
+# tokenizing, keep TFDS's compression.
+IDS_ARRAY_RECORD_OPTIONS = "group_size:1,uncompressed"
 TEXT = tfds.features.Text()
 PAIR_FEATURES = {"query": TEXT, "passage": TEXT, "lang": TEXT, "source": TEXT}
 STAGE2_FEATURES = {"query": TEXT, "positive": TEXT, "negatives": tfds.features.Sequence(TEXT),
@@ -38,6 +44,19 @@ STAGE2_FEATURES = {"query": TEXT, "positive": TEXT, "negatives": tfds.features.S
 # Token ids as one bytes value (int32, little-endian) rather than an int64_list: the read side turns it into
 # an array with one np.frombuffer instead of converting every id (data_pipelines.source).
 IDS = tfds.features.Tensor(shape=(None,), dtype=np.int32, encoding=tfds.features.Encoding.BYTES)
+
+
+class _UncompressedWriter(tfds.core.writer.ExampleWriter):
+  """Writes an array_record shard with IDS_ARRAY_RECORD_OPTIONS (TFDS's own writer fixes zstd)."""
+
+  def write(self, path: epath.PathLike, examples) -> None:
+    from array_record.python import array_record_module
+    writer = array_record_module.ArrayRecordWriter(os.fspath(path), IDS_ARRAY_RECORD_OPTIONS)
+    try:
+      for _, serialized in examples:
+        writer.write(serialized)
+    finally:
+      writer.close()
 
 
 class _ReportingBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -70,6 +89,13 @@ class _ReportingBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
     return tfds.core.DatasetInfo(builder=self, description=self.__doc__,
                                  features=tfds.features.FeaturesDict(features),
                                  metadata=tfds.core.MetadataDict())
+
+  def _example_writer(self) -> tfds.core.writer.ExampleWriter:
+    """TFDS's hook for a custom writer: datasets with ids write uncompressed records (in Beam workers too:
+    the writer travels pickled with the pipeline)."""
+    if self.pretokenizer is None:
+      return super()._example_writer()
+    return _UncompressedWriter(file_format=self.info.file_format)
 
   def _with_ids(self, examples):
     """`examples` ((key, example) pairs) with each text's token ids added (Pretokenizer.add_ids)."""

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from data_pipelines import beam_build, builders, readers, records
-from test_data_builders import damaged_inputs, read_all, texts, write_jsonl
+from test_data_builders import compression, damaged_inputs, read_all, texts, write_jsonl
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TWO_WORKERS = "--direct_num_workers=2 --direct_running_mode=multi_processing"
@@ -92,6 +92,7 @@ def test_stage2_with_token_ids_in_many_spans(tmp_path, monkeypatch):
                                                                   "empty_text", "bad_score"}
   got = read_all(tmp_path / "beam", "stage2")[1]
   want = read_all(tmp_path / "one", "stage2")[1]
+  assert compression(tmp_path / "beam", "stage2") == {"uncompressed"}  # the workers wrote with builders' writer
   assert json.dumps(got, default=np.ndarray.tolist) == json.dumps(want, default=np.ndarray.tolist)
   assert all(len(r["negatives_lengths"]) == len(r["negatives"]) for r in got)
 

@@ -4,6 +4,7 @@ the Bible source from the real bible.db checked against bible_pd.tsv (made by th
 ../shared/realdata/tools/extract_bible.py).
 """
 import collections
+import glob
 import json
 import math
 import os
@@ -17,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from data_pipelines import Source, bible, builders, open_source, readers, records
+from data_pipelines.source import dataset_path
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Texts that stress encoding and escaping: several scripts, emoji, quotes, backslashes, NUL-free controls.
@@ -54,6 +56,15 @@ def read_all(data_dir, name, split="train"):
   return source, source.__getitems__(list(range(len(source))))
 
 
+def compression(data_dir, name) -> set[str]:
+  """The compression option of each array_record shard of a built dataset (zstd:3 is TFDS's own)."""
+  from array_record.python import array_record_module
+  shards = glob.glob(os.path.join(dataset_path(str(data_dir), name), "*.array_record-*"))
+  assert shards
+  options = [array_record_module.ArrayRecordReader(path).writer_options_string().split(",") for path in shards]
+  return {o for opts in options for o in opts if o.split(":")[0] in ("zstd", "brotli", "snappy", "uncompressed")}
+
+
 def key(record):
   return json.dumps(record, sort_keys=True, ensure_ascii=False)
 
@@ -75,6 +86,7 @@ def test_wikipedia_from_jsonl_tsv_and_parquet(tmp_path):
   pq.write_table(pa.table({"title": q[:25], "text": p[:25], "lang": ["de"] * 25}), tmp_path / "c.parquet")
   files.append(str(tmp_path / "c.parquet"))
   report = builders.build("wikipedia", str(tmp_path / "data"), files, lang="xx")
+  assert compression(tmp_path / "data", "wikipedia") == {"zstd:3"}  # text only: TFDS's own writer
   want = ([{"query": a, "passage": b, "lang": "xx", "source": "wikipedia"} for a, b in zip(q, p)]
           + [{"query": a, "passage": b, "lang": "xx", "source": "wikipedia"} for a, b in zip(qt, pt)]
           + [{"query": a, "passage": b, "lang": "de", "source": "wikipedia"} for a, b in zip(q[:25], p[:25])])
@@ -376,6 +388,7 @@ def test_stored_ids_are_the_pretokenizers_and_the_report_names_the_tokenizer(tmp
   assert report["tokenizer"]["max_tokens"] == 64
   source, got = read_all(tmp_path / "s1", "custom")
   assert source.build_report["tokenizer"] == report["tokenizer"]
+  assert compression(tmp_path / "s1", "custom") == {"uncompressed"}  # builders.IDS_ARRAY_RECORD_OPTIONS
   for rec in got:
     assert rec["query_ids"].dtype == np.int32  # stored as bytes, read as an array (builders.IDS)
     assert rec["query_ids"].tolist() == pre.text_ids([rec["query"]], 64)[0]
