@@ -4,7 +4,6 @@ tokenization, padding to a few bucket lengths (DESIGN.md "Batch contract").
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 from typing import Callable, Mapping, Sequence, Union
 
@@ -13,7 +12,8 @@ import numpy as np
 from data_pipelines.batch import hash_ragged, is_packed, slots_per_row
 from data_pipelines.mixture import hash64
 from data_pipelines.pretokenized import Pretokenizer
-from me5_jax.tokenize import PASSAGE_PREFIX, QUERY_PREFIX, Tokenizer, instruct_query, pad_ragged
+from me5_jax.tokenize import (PASSAGE_PREFIX, QUERY_PREFIX, Tokenizer, instruct_query, pad_ragged, ragged,
+                              ragged_positions)
 
 # Symmetric pair types (translations): "query: " on both sides, as the model card asks for bitext, and as
 # the evaluation harness embeds both columns.
@@ -254,9 +254,7 @@ class Batcher:
     if str not in kinds:
       return self._pretokenizer().ragged(items, max_length)
     if kinds == {str}:
-      rows = self._tokenized(items, max_length)
-      lengths_N = np.fromiter(map(len, rows), np.int64, len(rows))
-      return np.fromiter(itertools.chain.from_iterable(rows), np.int32, int(lengths_N.sum())), lengths_N
+      return ragged(self._tokenized(items, max_length))
     texts = [i for i, item in enumerate(items) if isinstance(item, str)]
     stored = [i for i, item in enumerate(items) if not isinstance(item, str)]
     return _interleave([(at, self._ragged([items[i] for i in at], max_length)) for at in (texts, stored)],
@@ -375,8 +373,7 @@ def pack_ragged(tokens_K: np.ndarray, lengths_T: np.ndarray, row_length: int, pa
   segments_RxL = np.zeros((num_rows, row_length), np.int32)
   lengths_O = lengths_T[order_O]
   starts_O = (np.cumsum(lengths_T) - lengths_T)[order_O]  # where each text's tokens start in tokens_K
-  ids_RxL[filled_RxL] = tokens_K[np.repeat(starts_O - (np.cumsum(lengths_O) - lengths_O), lengths_O)
-                                 + np.arange(int(lengths_O.sum()))]
+  ids_RxL[filled_RxL] = tokens_K[ragged_positions(starts_O, lengths_O)]
   segments_RxL[filled_RxL] = np.repeat(segment_T[order_O] + 1, lengths_O)
   slots_T = ((process_index * num_rows + row_T) * num_slots + segment_T).astype(np.int32)
   return ids_RxL, segments_RxL, slots_T
@@ -392,5 +389,5 @@ def _interleave(parts: Sequence[tuple[Sequence[int], tuple[np.ndarray, np.ndarra
   starts_N = np.cumsum(lengths_N) - lengths_N
   tokens_K = np.empty(int(lengths_N.sum()), np.int32)
   for at, (tokens, lengths) in parts:
-    tokens_K[np.repeat(starts_N[list(at)] - (np.cumsum(lengths) - lengths), lengths) + np.arange(len(tokens))] = tokens
+    tokens_K[ragged_positions(starts_N[list(at)], lengths)] = tokens
   return tokens_K, lengths_N

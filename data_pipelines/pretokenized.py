@@ -27,7 +27,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from me5_jax.tokenize import TOKENIZER_SOURCES, Tokenizer
+from me5_jax.tokenize import TOKENIZER_SOURCES, Tokenizer, ragged_positions
 
 PROBES = ("hello world", "  Grüße, Köln! ", "北京是中国的首都。", "القاهرة عاصمة مصر", "x")
 FINGERPRINT_FILES = TOKENIZER_SOURCES + ("tokenizer_config.json", "special_tokens_map.json")
@@ -144,9 +144,7 @@ class Pretokenizer:
       tokens_K[at[:, None] + np.arange(len(prefix_ids))] = prefix_ids
     # Each text's tokens go between its row's prefix and its tail.
     text_tokens = np.concatenate([ids[:k] for ids, k in zip(texts, text_length_N.tolist())]) if n else tokens_K[:0]
-    text_starts_N = starts_N + head + prefix_length_N
-    tokens_K[np.repeat(text_starts_N - (np.cumsum(text_length_N) - text_length_N), text_length_N)
-             + np.arange(len(text_tokens))] = text_tokens
+    tokens_K[ragged_positions(starts_N + head + prefix_length_N, text_length_N)] = text_tokens
     for k, token in enumerate(self.tail.tolist()):
       tokens_K[starts_N + lengths_N - tail + k] = token
     return tokens_K, lengths_N

@@ -93,12 +93,22 @@ class Tokenizer:
 
 def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, pad_to: int | None = None):
   """Token rows → (ids_BxL int32, mask_BxL int32), L = pad_to or the longest row rounded up to 8."""
+  return pad_ragged(*ragged(rows), pad_id, pad_to)
+
+
+def ragged(rows: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+  """Token rows → (tokens_K int32: every row's tokens, row after row; lengths_B int64): the form the input
+  pipeline builds, pads and packs batches in."""
   lengths_B = np.fromiter(map(len, rows), np.int64, len(rows))
   if rows and isinstance(rows[0], np.ndarray):
-    tokens_K = np.concatenate(rows)
-  else:
-    tokens_K = np.fromiter(itertools.chain.from_iterable(rows), np.int32, int(lengths_B.sum()))
-  return pad_ragged(tokens_K, lengths_B, pad_id, pad_to)
+    return np.concatenate(rows).astype(np.int32, copy=False), lengths_B
+  return np.fromiter(itertools.chain.from_iterable(rows), np.int32, int(lengths_B.sum())), lengths_B
+
+
+def ragged_positions(starts_B: np.ndarray, lengths_B: np.ndarray) -> np.ndarray:
+  """Where each token of ragged rows (row after row, `lengths_B` long) goes in a flat array in which row b
+  starts at starts_B[b]: the index array that places (or, read from, gathers) them all in one step."""
+  return np.repeat(starts_B - (np.cumsum(lengths_B) - lengths_B), lengths_B) + np.arange(int(np.sum(lengths_B)))
 
 
 def pad_ragged(tokens_K: np.ndarray, lengths_B: np.ndarray, pad_id: int, pad_to: int | None = None):
